@@ -1,0 +1,1 @@
+"""flashdino.engine"""

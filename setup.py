@@ -1,0 +1,56 @@
+"""Packaging for flashdino.
+
+The repository keeps its architecture as top-level folders (engine/, kernels/,
+pipelines/, profiling/); they are installed under one namespace, ``flashdino.*``,
+because bare names such as ``kernels`` clash with packages on PyPI.
+"""
+import os
+import re
+
+from setuptools import setup
+
+TOP_LEVEL = ("engine", "kernels", "pipelines", "profiling")
+
+
+def _subpackages(folder):
+    """Every folder below ``folder`` that holds an __init__.py, as dotted flashdino names."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_")) and d != "build"]
+        if "__init__.py" in files:
+            dotted = "flashdino." + root.replace(os.sep, ".")
+            found[dotted] = root
+    return found
+
+
+def _version():
+    text = open(os.path.join("engine", "version.py")).read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+# "flashdino" itself is an implicit namespace package: it has no folder of its own.
+package_dir = {}
+for top in TOP_LEVEL:
+    package_dir.update(_subpackages(top))
+
+setup(
+    name="flashdino",
+    version=_version(),
+    description="Compiled, fused training engine for SimDINO / SimDINOv2 (and DINO / DINOv2) ViT pretraining",
+    python_requires=">=3.10",
+    packages=sorted(package_dir),
+    package_dir=package_dir,
+    package_data={"flashdino.engine": ["presets/*.yaml"]},
+    install_requires=[
+        "torch>=2.11",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "full": ["torchvision", "nvidia-dali-cuda130", "deepspeed", "nvtx", "tensorboard", "matplotlib", "safetensors", "timm"],
+        "test": ["pytest", "scipy", "timm", "safetensors"],
+    },
+    entry_points={"console_scripts": ["flashdino = flashdino.engine.cli:main"]},
+)
