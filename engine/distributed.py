@@ -1,0 +1,84 @@
+"""Process-group helpers. Every function works unchanged in a single process (world size 1)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place SUM across ranks (no autograd). Identity in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """SUM all-reduce whose backward all-reduces the upstream gradient (spec trap T15).
+
+    The forward value is the global sum on every rank. Every rank's loss depends on every rank's
+    input, so d(sum_r loss_r)/d x_k = sum_r grad_r: the backward is itself a SUM all-reduce.
+    DDP then averages the resulting gradients over ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_differentiable(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable SUM across ranks; identity in a single process."""
+    if not is_distributed():
+        return tensor
+    return _AllReduceSum.apply(tensor)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Initialise the default process group from torchrun / deepspeed environment variables.
+
+    Returns True when a multi-process run was set up. Picks NCCL with CUDA, gloo otherwise.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
