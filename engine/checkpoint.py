@@ -1,0 +1,127 @@
+"""Atomic checkpoints and the random-number state needed for an exact resume.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then
+renamed over the old one (rename is atomic on POSIX), and the directory is fsync'ed so the rename
+itself survives a crash. A run killed at any moment therefore leaves either the previous complete
+checkpoint or the new complete one, never a half-written file.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import tempfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+LATEST = "checkpoint.pth"
+_STEP_RE = re.compile(r"checkpoint_step(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save `obj` to `path` atomically (temp file + fsync + rename + dir fsync)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Whatever happened (an exception, KeyboardInterrupt), the old checkpoint stays untouched.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: str, state: Dict[str, Any], step: int, keep: int = 1) -> str:
+    """Write `checkpoint.pth` (the latest) and, with keep > 0, a step-numbered copy; prune old copies."""
+    latest = os.path.join(output_dir, LATEST)
+    atomic_save(state, latest)
+    if keep > 0:
+        numbered = os.path.join(output_dir, f"checkpoint_step{step}.pth")
+        atomic_save(state, numbered)
+        old = sorted(
+            (int(_STEP_RE.search(p).group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint_step*.pth")) if _STEP_RE.search(p)
+        )
+        for _, path in old[:-keep]:
+            os.unlink(path)
+    return latest
+
+
+def find_latest(output_dir: str) -> Optional[str]:
+    path = os.path.join(output_dir, LATEST)
+    return path if os.path.isfile(path) else None
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    try:
+        # Our own checkpoints hold numpy / python RNG state, which weights_only loading rejects.
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # a corrupt file should say which file
+        raise CheckpointError(f"could not read checkpoint '{path}': {exc}") from exc
+
+
+def strip_prefixes(state_dict: Dict[str, torch.Tensor], prefixes=("_orig_mod.", "module.", "backbone.")) -> Dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (torch.compile, DDP, meta-arch) from every key (spec section 5)."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+            key = key.replace("._orig_mod.", ".")
+        out[key] = value
+    return out
+
+
+def load_teacher_backbone(path: str) -> Dict[str, torch.Tensor]:
+    """The teacher backbone's state dict from a training checkpoint (what evaluation uses)."""
+    ckpt = load_checkpoint(path)
+    if "teacher" not in ckpt:
+        raise CheckpointError(f"checkpoint '{path}' has no 'teacher' entry (keys: {', '.join(ckpt)})")
+    teacher = ckpt["teacher"]
+    backbone = {k: v for k, v in teacher.items() if k.startswith("backbone.") or ".backbone." in k}
+    return strip_prefixes(backbone if backbone else teacher)

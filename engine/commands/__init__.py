@@ -1,0 +1,1 @@
+"""Sub-commands of the `flashdino` CLI (see engine/cli.py)."""

@@ -1,0 +1,201 @@
+"""Student/teacher pair and the per-method forward pass that turns a batch into loss terms.
+
+The four objectives share one structure (spec 2.2, 3.3, 4): the teacher (EMA, no grad, eval mode)
+sees the two global crops; the student sees all crops, one backbone call per resolution group, and
+one head call on the concatenation. What differs is the head (256-d normalized vs 65536 prototypes),
+whether patch tokens enter (v2 methods) and the loss functions.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from . import objectives as O
+from .distributed import get_world_size
+from .models import build_backbone, build_head
+
+PATCH_METHODS = ("simdinov2", "dinov2")
+PROTOTYPE_METHODS = ("dino", "dinov2")
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.method = cfg.objective.method
+        student_backbone = build_backbone(cfg.model)
+        embed_dim = student_backbone.embed_dim
+        self.student = nn.ModuleDict({"backbone": student_backbone, "head": build_head(cfg.head, embed_dim, self.method)})
+        teacher_backbone = build_backbone(cfg.model, teacher=True)
+        self.teacher = nn.ModuleDict({"backbone": teacher_backbone, "head": build_head(cfg.head, embed_dim, self.method)})
+        # The teacher starts as an exact copy of the student (spec 1.7).
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if self.method in PROTOTYPE_METHODS and cfg.objective.centering == "centering":
+            self.register_buffer("center", torch.zeros(1, cfg.head.n_prototypes))
+            if self.method == "dinov2":
+                self.register_buffer("patch_center", torch.zeros(1, cfg.head.n_prototypes))
+        self.loss_impl = _LossImpl(cfg)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher always runs in eval mode (spec 1.7)
+        return self
+
+    # --------------------------------------------------------------------------------------
+    def forward(self, batch: Dict[str, torch.Tensor], teacher_temp: float = 0.04) -> Dict[str, torch.Tensor]:
+        if self.method == "simdino":
+            return self._simdino(batch)
+        if self.method == "dino":
+            return self._dino(batch, teacher_temp)
+        if self.method == "simdinov2":
+            return self._simdinov2(batch)
+        return self._dinov2(batch, teacher_temp)
+
+    @property
+    def n_crops(self) -> int:
+        return 2 + self.cfg.crops.n_local
+
+    def _student_cls(self, global_crops, local_crops, masks=None):
+        """Backbone once per resolution group; returns (cls of all crops crop-major, global features)."""
+        backbone = self.student["backbone"]
+        g = backbone.forward_features(global_crops, masks=masks)
+        cls = [g["cls"]]
+        if local_crops is not None:
+            cls.append(backbone.forward_features(local_crops)["cls"])
+        return torch.cat(cls), g
+
+    @torch.no_grad()
+    def _teacher_features(self, global_crops):
+        return self.teacher["backbone"].forward_features(global_crops)
+
+    # --------------------------------------------------------------------------------------
+    def _simdino(self, batch):
+        with torch.no_grad():
+            t = self.teacher["head"](self._teacher_features(batch["global_crops"])["cls"])
+        s_cls, _ = self._student_cls(batch["global_crops"], batch.get("local_crops"))
+        s = self.student["head"](s_cls)
+        o = self.cfg.objective
+        loss, comp, expa = self.loss_impl.simdino(s, t, self.n_crops, o)
+        return {"total_loss": loss, "comp_loss": comp, "expa_loss": expa}
+
+    def _dino(self, batch, teacher_temp):
+        o = self.cfg.objective
+        with torch.no_grad():
+            t_logits = self.teacher["head"](self._teacher_features(batch["global_crops"])["cls"])
+        s_cls, _ = self._student_cls(batch["global_crops"], batch.get("local_crops"))
+        s_logits = self.student["head"](s_cls)
+        if o.centering == "sinkhorn_knopp":
+            probs = O.sinkhorn_knopp(t_logits, teacher_temp)
+            loss = O.dino_cross_entropy(s_logits, probs, self.n_crops, o.student_temp)
+        else:
+            loss, new_center = self.loss_impl.dino(s_logits, t_logits, self.center, self.n_crops, o, teacher_temp)
+            self.center.copy_(new_center)
+        return {"total_loss": loss, "dino_loss": loss.detach()}
+
+    def _masked_head_inputs(self, batch):
+        return batch["mask_indices"], batch["mask_weights"]
+
+    def _simdinov2(self, batch):
+        o = self.cfg.objective
+        idx, weights = self._masked_head_inputs(batch)
+        n_global = batch["global_crops"].shape[0]
+        with torch.no_grad():
+            tf = self._teacher_features(batch["global_crops"])
+            t_out = self.teacher["head"](torch.cat([tf["cls"], tf["patch"].flatten(0, 1)[idx]]))
+            t_cls, t_patch = t_out[:n_global], t_out[n_global:]
+        s_cls_all, g = self._student_cls(batch["global_crops"], batch.get("local_crops"), masks=batch["masks"])
+        s_out = self.student["head"](torch.cat([s_cls_all, g["patch"].flatten(0, 1)[idx]]))
+        n_cls = s_cls_all.shape[0]
+        s_cls, s_patch = s_out[:n_cls], s_out[n_cls:]
+        return O.simdinov2_loss(
+            s_cls.float(), t_cls.float(), s_patch.float(), t_patch.float(), weights, self.n_crops,
+            eps=o.eps, coeff=o.coeff, expa_type=o.expa_type, world_size=get_world_size(),
+            dino_weight=o.dino_weight, ibot_weight=o.ibot_weight, reduce_cov=o.reduce_cov, virtual_ranks=o.virtual_ranks,
+        )
+
+    def _dinov2(self, batch, teacher_temp):
+        o = self.cfg.objective
+        idx, weights = self._masked_head_inputs(batch)
+        n_global = batch["global_crops"].shape[0]
+        with torch.no_grad():
+            tf = self._teacher_features(batch["global_crops"])
+            t_out = self.teacher["head"](torch.cat([tf["cls"], tf["patch"].flatten(0, 1)[idx]])).float()
+            t_cls, t_patch = t_out[:n_global], t_out[n_global:]
+            if o.centering == "sinkhorn_knopp":
+                q_cls = O.sinkhorn_knopp(t_cls, teacher_temp)
+                q_patch = O.sinkhorn_knopp(t_patch, teacher_temp)
+            else:
+                q_cls = O.softmax_center_teacher(t_cls, self.center, teacher_temp)
+                q_patch = O.softmax_center_teacher(t_patch, self.patch_center, teacher_temp)
+        s_cls_all, g = self._student_cls(batch["global_crops"], batch.get("local_crops"), masks=batch["masks"])
+        s_out = self.student["head"](torch.cat([s_cls_all, g["patch"].flatten(0, 1)[idx]])).float()
+        n_cls = s_cls_all.shape[0]
+        s_cls, s_patch = s_out[:n_cls], s_out[n_cls:]
+        dino = O.dino_cross_entropy(s_cls, q_cls, self.n_crops, o.student_temp)
+        ibot = O.ibot_patch_loss(s_patch, q_patch, weights, n_global, o.student_temp)
+        total = o.dino_weight * dino + o.ibot_weight * ibot
+        out = {"dino_local_crops_loss": dino.detach(), "ibot_loss": ibot.detach()}
+        if o.koleo_weight > 0:
+            b = n_global // 2
+            cls_global = g["cls"].float()
+            koleo = o.koleo_weight * (O.koleo_loss(cls_global[:b]) + O.koleo_loss(cls_global[b:]))
+            total = total + koleo
+            out["koleo_loss"] = koleo.detach()
+        if o.centering == "centering":
+            with torch.no_grad():
+                self.center.copy_(O.update_center(self.center, t_cls, o.center_momentum))
+                # Patch center: mean of this rank's masked rows, then averaged over ranks (spec 4.2).
+                if t_patch.shape[0] > 0:
+                    local_mean = t_patch.mean(dim=0, keepdim=True)
+                    self.patch_center.copy_(O.update_center(self.patch_center, local_mean, o.center_momentum))
+        out["total_loss"] = total
+        return out
+
+
+class _LossImpl:
+    """Chooses the eager objective or its fused Triton kernel per runtime.kernels (issue 5)."""
+
+    def __init__(self, cfg):
+        self.coding_rate_kind = cfg.runtime.kernels.coding_rate
+        self.centering_kind = cfg.runtime.kernels.centering
+
+    def simdino(self, s, t, n_crops, o):
+        kwargs = dict(eps=o.eps, coeff=o.coeff, expa_type=o.expa_type, world_size=get_world_size(),
+                      reduce_cov=o.reduce_cov, virtual_ranks=o.virtual_ranks)
+        if self.coding_rate_kind == "triton":
+            from flashdino.kernels import get_simdino_loss
+
+            return get_simdino_loss("triton")(s.float(), t.float(), n_crops, **kwargs)
+        return O.simdino_loss(s.float(), t.float(), n_crops, **kwargs)
+
+    def dino(self, s_logits, t_logits, center, n_crops, o, teacher_temp):
+        kwargs = dict(student_temp=o.student_temp, teacher_temp=teacher_temp, center_momentum=o.center_momentum)
+        if self.centering_kind == "triton":
+            from flashdino.kernels import get_dino_centering
+
+            return get_dino_centering("triton")(s_logits, t_logits, center, n_crops, **kwargs)
+        return O.dino_loss(s_logits.float(), t_logits.float(), center, n_crops, **kwargs)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "module"):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def teacher_backbone(model: nn.Module) -> nn.Module:
+    return unwrap(model).teacher["backbone"]
+
+
+def student_param_count(model: nn.Module) -> Optional[int]:
+    return sum(p.numel() for p in unwrap(model).student.parameters())
