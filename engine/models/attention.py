@@ -1,0 +1,101 @@
+"""Attention backends: one function, ``scaled_dot_product``, behind a backend name.
+
+All backends take and return ``(B, heads, T, head_dim)`` tensors and compute
+``softmax(q k^T * scale) v`` with ``scale = head_dim ** -0.5`` unless given.
+
+| backend      | what runs                                                                 |
+|--------------|---------------------------------------------------------------------------|
+| "sdpa"       | ``F.scaled_dot_product_attention``; torch picks the kernel                |
+| "flash"      | the same, restricted to the FlashAttention SDPA kernel (CUDA, fp16/bf16)  |
+| "cudnn"      | the same, restricted to the cuDNN SDPA kernel (CUDA, fp16/bf16)           |
+| "math"       | explicit ``softmax(q k^T * scale) v`` (reference path, softmax in fp32)   |
+| "flash_attn" | ``flash_attn.flash_attn_func`` from the flash-attn package (CUDA, fp16/bf16) |
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("sdpa", "flash", "cudnn", "math", "flash_attn")
+
+_FORCED_SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _unknown_backend_message(backend) -> str:
+    return f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}"
+
+
+def check_backend(backend: str) -> str:
+    """Return `backend` if it is a known attention backend, else raise naming the valid ones."""
+    if backend not in BACKENDS:
+        raise ValueError(_unknown_backend_message(backend))
+    return backend
+
+
+def _require_cuda_half(q: torch.Tensor, backend: str) -> None:
+    # These kernels only exist for half precision on the GPU; say so instead of torch's
+    # generic "No available kernel" error.
+    if q.device.type != "cuda" or q.dtype not in _HALF_DTYPES:
+        raise RuntimeError(
+            f"attention backend {backend!r} needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}; "
+            "run under autocast on a GPU, or use backend 'sdpa' (any device/dtype) or 'math'"
+        )
+
+
+def ensure_backend_available(backend: str) -> str:
+    """Validate the name and, for "flash_attn", import the package now so a missing install fails
+    when the model is built rather than at the first training step."""
+    check_backend(backend)
+    if backend == "flash_attn":
+        _load_flash_attn()
+    return backend
+
+
+_flash_attn_func = None
+
+
+def _load_flash_attn():
+    global _flash_attn_func
+    if _flash_attn_func is None:
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError as err:
+            raise ImportError(
+                "attention backend 'flash_attn' needs the flash-attn package, which is not importable "
+                f"({err}). Install it with `pip install flash-attn --no-build-isolation` (CUDA build "
+                "matching your torch), or choose runtime.attention=sdpa / flash / cudnn instead."
+            ) from err
+        _flash_attn_func = flash_attn_func
+    return _flash_attn_func
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys, (B, heads, T, T); softmax computed in fp32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    return logits.float().softmax(dim=-1).to(q.dtype)
+
+
+def scaled_dot_product(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", scale: Optional[float] = None
+) -> torch.Tensor:
+    """Multi-head attention output for (B, heads, T, head_dim) inputs with the chosen backend."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if backend in _FORCED_SDPA:
+        _require_cuda_half(q, backend)
+        with sdpa_kernel(_FORCED_SDPA[backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if backend == "math":
+        return attention_probs(q, k, scale) @ v
+    if backend == "flash_attn":
+        flash_attn_func = _load_flash_attn()
+        _require_cuda_half(q, backend)
+        # flash-attn wants (B, T, heads, head_dim); the transposes are views (last dim stays contiguous).
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        return out.transpose(1, 2)
+    raise ValueError(_unknown_backend_message(backend))

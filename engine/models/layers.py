@@ -1,0 +1,178 @@
+"""Transformer building blocks (spec 1.2): attention, MLP, layerscale, the two stochastic-depth
+flavours and the pre-norm block.
+
+Module and parameter names follow timm's VisionTransformer (``norm1``, ``attn.qkv``, ``attn.proj``,
+``ls1.gamma``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``) so checkpoints map 1:1.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .attention import attention_probs, ensure_backend_available, scaled_dot_product
+
+LN_EPS = 1e-6
+DROP_MODES = ("per_sample", "batch_subset")
+INIT_STD = 0.02
+
+
+def trunc_normal_init_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
+    # Cut at +-2 in absolute value (= +-100 sigma), as DINO/DINOv2/timm do: effectively a plain
+    # N(0, std^2). Cutting at +-2 sigma would shrink the std by ~12 % (spec 1.2).
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+
+
+def init_linear_(module: nn.Module) -> None:
+    """Linear layers: weight trunc-normal std 0.02, bias 0 (spec 1.2 / 1.3)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_init_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Per-sample stochastic depth (v1): zero whole samples with probability `rate`, rescale
+    the survivors by 1/(1-rate) so the expected value is unchanged."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    """Module wrapper of :func:`drop_path`; every call draws a fresh mask."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.rate, self.training)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def batch_subset_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], rate: float) -> torch.Tensor:
+    """x + stochastic-depth(branch(x)) the DINOv2 way (v2): run `branch` only on a random subset of
+    floor(b * (1 - rate)) samples (at least one) and add its output back scaled by b / kept.
+
+    Computing the branch on the kept samples only is what saves the compute; the b / kept factor
+    keeps the expected residual equal to branch(x)."""
+    b = x.shape[0]
+    kept = max(int(b * (1.0 - rate)), 1)
+    index = torch.randperm(b, device=x.device)[:kept]
+    residual = branch(x[index])
+    return torch.index_add(x, 0, index, residual.to(x.dtype), alpha=b / kept)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale of a residual branch (parameter ``gamma``, init `init_value`)."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """Linear(D -> hidden) -> GELU (exact) -> Linear(hidden -> D)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a switchable backend (see :mod:`.attention`)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = ensure_backend_available(backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: torch.Tensor):
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # each (B, heads, T, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self._qkv(x)
+        out = scaled_dot_product(q, k, v, self.backend, self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention probabilities (B, heads, T, T), always via the explicit math path."""
+        q, k, _ = self._qkv(x)
+        return attention_probs(q, k, self.scale)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += sd(ls1(attn(norm1(x)))); x += sd(ls2(mlp(norm2(x)))).
+
+    `drop_mode` picks the stochastic depth ``sd``: "per_sample" (v1 DropPath, independent masks for
+    the two branches) or "batch_subset" (v2, a fresh random subset per branch). Both act only in
+    training mode and only when `drop_path` > 0. `layerscale` 0 disables layerscale (no ``ls`` params).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        drop_mode: str = "per_sample",
+        layerscale: float = 0.0,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        if drop_mode not in DROP_MODES:
+            raise ValueError(f"unknown drop_mode {drop_mode!r}; valid: {', '.join(DROP_MODES)}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path rate must be in [0, 1), got {drop_path}")
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attention)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path = float(drop_path)
+        self.drop_mode = drop_mode
+
+    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rate = self.drop_path
+        if not (self.training and rate > 0.0):
+            x = x + self._attn_branch(x)
+            return x + self._mlp_branch(x)
+        if self.drop_mode == "batch_subset":
+            x = batch_subset_residual(x, self._attn_branch, rate)
+            return batch_subset_residual(x, self._mlp_branch, rate)
+        x = x + drop_path(self._attn_branch(x), rate, True)
+        return x + drop_path(self._mlp_branch(x), rate, True)
+
+    def extra_repr(self) -> str:
+        return f"drop_path={self.drop_path}, drop_mode={self.drop_mode!r}"
