@@ -1,0 +1,89 @@
+"""Eager EMA (spec 1.7), atomic checkpoints and the finite-loss guard."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from flashdino.engine import checkpoint as ckpt
+from flashdino.engine.ema import EagerEMA, build_ema, paired_parameters
+from flashdino.engine.finite_guard import FiniteGuard, NonFiniteLossError
+
+
+def test_eager_ema_matches_float64_formula():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(5, 3), nn.Linear(5, 3)
+    t0 = {k: v.double().clone() for k, v in teacher.state_dict().items()}
+    s0 = {k: v.double().clone() for k, v in student.state_dict().items()}
+    ema = build_ema("eager", teacher, student)
+    m = 0.996
+    ema.update(m)
+    for k in t0:
+        expected = m * t0[k] + (1 - m) * s0[k]
+        assert torch.allclose(teacher.state_dict()[k].double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_mixed_precision_copies():
+    student, teacher = nn.Linear(4, 4), nn.Linear(4, 4).half()
+    ema = EagerEMA(*paired_parameters(teacher, student))
+    before = teacher.weight.detach().float().clone()
+    ema.update(0.5)
+    expected = (0.5 * before + 0.5 * student.weight.detach().float()).half().float()
+    assert torch.allclose(teacher.weight.float(), expected, atol=1e-3)
+
+
+def test_paired_parameters_rejects_mismatch():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        paired_parameters(nn.Linear(3, 2), nn.Linear(3, 4))
+
+
+def test_atomic_save_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    ckpt.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    before = open(path, "rb").read()
+
+    real_save = torch.save
+
+    def crashing_save(obj, fh, *a, **k):
+        fh.write(b"partial bytes of a checkpoint")  # a half-written file, then the crash
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save({"step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temp file left behind
+    assert ckpt.load_checkpoint(path)["step"] == 1
+
+
+def test_numbered_checkpoints_are_pruned(tmp_path):
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(str(tmp_path), {"step": step}, step, keep=2)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["checkpoint.pth", "checkpoint_step20.pth", "checkpoint_step30.pth"]
+    assert ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path)))["step"] == 30
+
+
+def test_corrupt_checkpoint_error_names_file(tmp_path):
+    bad = tmp_path / "checkpoint.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.pth"):
+        ckpt.load_checkpoint(str(bad))
+
+
+def test_strip_prefixes():
+    sd = {"module.backbone._orig_mod.cls_token": 1, "backbone.blocks.0._orig_mod.attn.qkv.weight": 2}
+    assert ckpt.strip_prefixes(sd) == {"cls_token": 1, "blocks.0.attn.qkv.weight": 2}
+
+
+def test_finite_guard_names_step_and_term():
+    guard = FiniteGuard()
+    guard.record(0, {"total_loss": torch.tensor(1.0), "expa_loss": torch.tensor(0.5)})
+    guard.check()
+    guard.record(1, {"total_loss": torch.tensor(float("nan")), "expa_loss": torch.tensor(float("inf"))})
+    guard.record(2, {"total_loss": torch.tensor(float("nan")), "expa_loss": torch.tensor(0.1)})
+    with pytest.raises(NonFiniteLossError) as err:
+        guard.check()
+    assert err.value.step == 1 and err.value.terms[0] == "expa_loss"
+    assert "step 1" in str(err.value) and "expa_loss" in str(err.value)
