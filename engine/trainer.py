@@ -126,6 +126,7 @@ class Trainer:
             self.loader, self.sampler, self.dataset = build_train_loader(
                 cfg, self.rank, self.world_size, epoch=epoch, start_batch=start_batch
             )
+            self.loader.generator = torch.Generator().manual_seed(cfg.train.seed)
 
     def _set_epoch(self, epoch: int, start_batch: int) -> None:
         if hasattr(self.loader, "set_epoch"):
@@ -260,7 +261,7 @@ class Trainer:
                     if st.step % log_every == 0 or st.step == self.total_steps:
                         self.guard.check()
                         elapsed = time.perf_counter() - window_start
-                        last = {k: float(v) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
+                        last = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
                         last.update({"epoch": st.epoch, "img/s": window_images / max(elapsed, 1e-9),
                                      "skipped_images": len(st.skipped_files)})
                         self.logger.log(st.step, last)
