@@ -1,0 +1,109 @@
+"""Helpers shared by the Triton kernels: availability, device checks, dtype maps, pointer tables.
+
+The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, read by Triton when a kernel is decorated, i.e. before this
+package's kernel modules are imported). The interpreter computes bf16 arithmetic wrongly,
+so CPU tests use fp32/fp16 only.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+try:  # Triton is optional: the eager kinds work without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+KINDS = ("eager", "triton")
+
+# Dtypes the kernels read and write; arithmetic is always fp32.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels execute in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_kind(kind: str, what: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"{what}: unknown kernel kind {kind!r}; choose one of {KINDS}")
+    return kind
+
+
+def require_triton(what: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{what}: kind 'triton' needs the triton package, which is not installed")
+
+
+def check_triton_tensors(what: str, tensors: Iterable[torch.Tensor]) -> None:
+    """Triton needs CUDA tensors, or CPU tensors under the interpreter; say which is missing."""
+    require_triton(what)
+    for t in tensors:
+        if t.is_cuda:
+            continue
+        if t.device.type == "cpu" and interpreting():
+            continue
+        raise RuntimeError(
+            f"{what}: the Triton kernel needs CUDA tensors, got a tensor on {t.device}. "
+            "On a CPU-only machine set TRITON_INTERPRET=1 before importing triton, "
+            "or select the 'eager' kind."
+        )
+
+
+def check_dtype(what: str, name: str, t: torch.Tensor, allowed=SUPPORTED_DTYPES) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{what}: {name} has dtype {t.dtype}; supported: {names}")
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton element type for a torch dtype (used to type pointers loaded from tables)."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pointer_table(columns: Sequence[Sequence[torch.Tensor | None]], chunk: int,
+                  device: torch.device) -> tuple[torch.Tensor, bool]:
+    """Split aligned lists of same-size contiguous tensors into chunks of at most ``chunk`` elements.
+
+    ``columns[c][i]`` is the i-th tensor of column c (None: the column is unused and gets
+    address 0). Returns an int64 table with one row per chunk,
+    ``(addr_col0, ..., addr_colC-1, numel)``, on ``device``, and whether every address is
+    16-byte aligned (lets the kernel promise vectorizable accesses).
+    A table is built once and reused, so it is only valid while the tensors keep their storage.
+    """
+    n_cols = len(columns)
+    n_tensors = len(columns[0])
+    rows = []
+    aligned = True
+    for i in range(n_tensors):
+        ref = next(col[i] for col in columns if col[i] is not None)
+        numel = ref.numel()
+        for off in range(0, numel, chunk):
+            row = []
+            for c in range(n_cols):
+                t = columns[c][i]
+                if t is None:
+                    row.append(0)
+                    continue
+                addr = t.data_ptr() + off * t.element_size()
+                aligned &= addr % 16 == 0
+                row.append(addr)
+            row.append(min(chunk, numel - off))
+            rows.append(row)
+    if not rows:
+        return torch.zeros((0, n_cols + 1), dtype=torch.int64, device=device), aligned
+    table = torch.tensor(rows, dtype=torch.int64)
+    return table.to(device), aligned
