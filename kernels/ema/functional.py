@@ -6,6 +6,7 @@ so a ZeRO rank calls it on the shard it owns. Elementwise, so shards compose exa
 from __future__ import annotations
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw
 
 from .._common import check_dtype, check_kind
 from .eager import lerp_weight
@@ -49,7 +50,7 @@ def adamw_ema_eager_(master, grad, exp_avg, exp_avg_sq, teacher, *, lr, weight_d
         raise ValueError(f"AdamW step count must be >= 1 (the step being taken), got {step}")
     master_v, grad_v = master.view(-1), grad.view(-1).float()
     state_step = torch.tensor(float(step - 1))
-    torch.optim.adamw.adamw([master_v], [grad_v], [exp_avg.view(-1)], [exp_avg_sq.view(-1)], [], [state_step],
+    torch_adamw([master_v], [grad_v], [exp_avg.view(-1)], [exp_avg_sq.view(-1)], [], [state_step],
                             foreach=True, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
                             weight_decay=weight_decay, eps=eps, maximize=False)
     if model_copy is not None:

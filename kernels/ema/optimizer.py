@@ -13,9 +13,10 @@ device (per-parameter views in ``state``), so it checkpoints like any torch opti
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Mapping, Sequence
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw
 
 from .._common import check_kind, check_triton_tensors, pointer_table
 from .eager import EagerEMAUpdater, _pair_params, lerp_weight
@@ -24,6 +25,9 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
 
 
 class FusedAdamWEMA(torch.optim.Optimizer):
+    """AdamW + teacher EMA. ``teacher_params``: a mapping student parameter -> teacher tensor, or a
+    sequence aligned with the parameters in ``param_groups`` order. ``kind``: "triton" | "eager"."""
+
     def __init__(self, params, teacher_params: Sequence[torch.Tensor], lr: float = 1e-3,
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  master_weights: bool | None = None, kind: str = "triton"):
@@ -34,6 +38,12 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._constructed = True
         student = self._all_params()
+        if isinstance(teacher_params, Mapping):
+            missing = [i for i, p in enumerate(student) if p not in teacher_params]
+            if missing:
+                raise ValueError(f"FusedAdamWEMA: no teacher tensor for parameter {missing[0]} "
+                                 f"(shape {tuple(student[missing[0]].shape)})")
+            teacher_params = [teacher_params[p] for p in student]
         teacher, _ = _pair_params(teacher_params, student, "FusedAdamWEMA")
         low = [i for i, p in enumerate(student) if p.dtype != torch.float32]
         if master_weights is None:
@@ -134,7 +144,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 masters = [self._master(p) for p in ps]
                 grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
                 steps = [torch.tensor(float(step - 1)) for _ in ps]
-                torch.optim.adamw.adamw(masters, grads, [self.state[p]["exp_avg"] for p in ps],
+                torch_adamw(masters, grads, [self.state[p]["exp_avg"] for p in ps],
                                         [self.state[p]["exp_avg_sq"] for p in ps], [], steps, foreach=True,
                                         amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
                                         weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
