@@ -274,10 +274,13 @@ def build_dataset(data_cfg, split: str = "train", seed: int = 0):
     ``data.dataset = auto`` picks: no path -> Fashion-MNIST; a folder with the Fashion-MNIST files ->
     Fashion-MNIST; a folder whose immediate sub-folders hold images (and no images of its own) ->
     class tree; any other folder with images below it -> unlabeled folder; a .txt file -> file list.
-    `split` selects the Fashion-MNIST split (train/test) and the synthetic set's seed offset.
+    `split` selects the Fashion-MNIST split (train/test), the synthetic set's seed offset, and for
+    folders a sub-folder named after it when one exists (``path/train`` of an ImageNet-style root).
     """
     kind = data_cfg.dataset
     path = data_cfg.path
+    if kind in ("auto", "imagefolder", "folder") and path and os.path.isdir(os.path.join(path, split)):
+        path = os.path.join(path, split)  # an ImageNet-style root holding train/ and val/
     if kind == "auto":
         kind = detect_layout(path)
     if kind == "fashion_mnist":

@@ -255,6 +255,14 @@ def test_auto_detection_for_each_layout(tmp_path):
     synthetic = build_dataset(_cfg(dataset="synthetic", synthetic_size=7))
     assert isinstance(synthetic, SyntheticDataset) and len(synthetic) == 7
 
+    # An ImageNet-style root with train/ and val/: the split's sub-folder is used.
+    root = tmp_path / "imagenet"
+    _make_class_tree(str(root / "train"))
+    _save_image(str(root / "val" / "n01" / "v.jpg"), seed=8)
+    train, val = build_dataset(_cfg(path=str(root))), build_dataset(_cfg(path=str(root)), split="val")
+    assert isinstance(train, ImageFolderDataset) and train.classes == ["apple", "mango", "zebra"]
+    assert isinstance(val, ImageFolderDataset) and val.classes == ["n01"] and len(val) == 1
+
     # Explicit kinds override detection.
     assert isinstance(build_dataset(_cfg(path=str(tree), dataset="folder")), UnlabeledFolderDataset)
 
