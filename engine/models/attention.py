@@ -8,7 +8,7 @@ All backends take and return ``(B, heads, T, head_dim)`` tensors and compute
 | "sdpa"       | ``F.scaled_dot_product_attention``; torch picks the kernel                |
 | "flash"      | the same, restricted to the FlashAttention SDPA kernel (CUDA, fp16/bf16)  |
 | "cudnn"      | the same, restricted to the cuDNN SDPA kernel (CUDA, fp16/bf16)           |
-| "math"       | explicit ``softmax(q k^T * scale) v`` (reference path, softmax in fp32)   |
+| "math"       | explicit ``softmax(q k^T * scale) v`` (reference path, softmax >= fp32)   |
 | "flash_attn" | ``flash_attn.flash_attn_func`` from the flash-attn package (CUDA, fp16/bf16) |
 """
 from __future__ import annotations
@@ -74,10 +74,10 @@ def _load_flash_attn():
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q k^T * scale) over the keys, (B, heads, T, T); softmax computed in fp32."""
+    """softmax(q k^T * scale) over the keys, (B, heads, T, T); the softmax runs in at least fp32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q * scale) @ k.transpose(-2, -1)
-    return logits.float().softmax(dim=-1).to(q.dtype)
+    return logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
 
 
 def scaled_dot_product(

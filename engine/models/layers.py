@@ -38,8 +38,10 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    # rand < keep rather than bernoulli_(keep): bernoulli_ needs a concrete float, which makes
+    # torch.compile specialise on each block's rate (one graph per block, past the recompile limit).
+    mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+    return x * mask / keep
 
 
 class DropPath(nn.Module):
