@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from scipy.special import erf
 
-from flashdino.engine.config import ModelConfig
-from flashdino.engine.models import ARCH_SPECS, build_backbone
+from flashdino.engine.config import ModelConfig, build_config
+from flashdino.engine.models import ARCH_SPECS, build_backbone, build_head
+from flashdino.engine.presets import list_presets
 from flashdino.engine.models.pos_embed import interpolate_pos_embed
 from flashdino.engine.models.vit import VisionTransformer
 
@@ -274,6 +275,27 @@ def test_build_backbone_student_and_teacher():
     assert build_backbone(cfg, attention="math").attention_backend == "math"
 
 
+def test_build_backbone_honours_mlp_ratio():
+    m = build_backbone(_cfg(mlp_ratio=2.0))
+    assert m.blocks[0].mlp.fc1.weight.shape == (48, 24)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_builds(preset):
+    cfg = build_config(preset)
+    with torch.device("meta"):  # paper-size models: shapes only, no memory
+        student = build_backbone(cfg.model)
+        teacher = build_backbone(cfg.model, teacher=True, attention=cfg.runtime.attention)
+        head = build_head(cfg.head, student.embed_dim, cfg.objective.method)
+    spec = ARCH_SPECS[cfg.model.arch]
+    assert student.embed_dim == (cfg.model.embed_dim or spec["embed_dim"])
+    assert all(b.drop_path == 0.0 for b in teacher.blocks)
+    assert (student.mask_token is not None) == (cfg.model.style == "v2")
+    assert student.num_register_tokens == cfg.model.num_register_tokens
+    protos = cfg.objective.method in ("dino", "dinov2")
+    assert head.out_dim == (cfg.head.n_prototypes if protos else cfg.head.bottleneck_dim)
+
+
 def test_build_backbone_uses_arch_when_not_overridden():
     with torch.device("meta"):
         m = build_backbone(ModelConfig(arch="vit_base", patch_size=16), teacher=True)
@@ -389,3 +411,49 @@ def test_v2_register_keys_match_timm_dinov2_except_pos_embed_and_mask_token():
     same = [k for k in theirs if k != "pos_embed"]
     assert {k: ours[k] for k in same} == {k: theirs[k] for k in same}
     assert any(k.startswith("blocks.11.ls2.gamma") for k in same) and "reg_token" in same
+
+
+# ------------------------------------------------------------------ GPU: backends inside the model, inductor
+def _gpu_backends():
+    import importlib.util
+
+    names = ["sdpa", "flash", "cudnn"]
+    if importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash_attn")
+    return names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flash", "cudnn", "flash_attn"])
+def test_gpu_model_backends_match_math_under_autocast(backend):
+    if backend not in _gpu_backends():
+        pytest.skip("flash-attn package not installed")
+    torch.manual_seed(10)
+    m = VisionTransformer(img_size=224, patch_size=16, embed_dim=128, depth=2, num_heads=2, style="v2",
+                          num_register_tokens=4, layerscale=0.1).cuda().eval()
+    x = torch.randn(4, 3, 96, 96, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        m.set_attention_backend("math")
+        ref = m.forward_features(x)
+        m.set_attention_backend(backend)
+        out = m.forward_features(x)
+    for key in ref:
+        torch.testing.assert_close(out[key].float(), ref[key].float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_gpu_per_block_inductor_compile_matches_eager(backend):
+    torch.manual_seed(11)
+    m = VisionTransformer(img_size=224, patch_size=16, embed_dim=128, depth=2, num_heads=2, style="v1",
+                          drop_path_rate=0.1, attention=backend).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = m(x)
+        for blk in m.blocks:
+            blk.compile(fullgraph=True)
+        out = m(x)
+        m.train()
+        m(torch.randn(8, 3, 96, 96, device="cuda")).float().square().mean().backward()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    assert all(p.grad is not None for p in m.blocks.parameters())

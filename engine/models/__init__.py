@@ -1,19 +1,19 @@
 """ViT backbones and projection heads, built from the typed config (spec 1.2, 1.3)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
 
 from .attention import BACKENDS as ATTENTION_BACKENDS
 from .attention import scaled_dot_product
 from .heads import DINOHead
 from .vit import VisionTransformer
 
-# arch -> (embed_dim, depth, num_heads); mlp_ratio 4 for all.
-ARCH_SPECS: Dict[str, Dict[str, int]] = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+# arch -> VisionTransformer size arguments (mlp_ratio 4 for all; ModelConfig.mlp_ratio can change it).
+ARCH_SPECS: Dict[str, Dict[str, Any]] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
 }
 
 PROTOTYPE_METHODS = ("dino", "dinov2")
@@ -27,7 +27,7 @@ def build_backbone(model_cfg, teacher: bool = False, attention: str = "sdpa") ->
     arch's values. Style "v2" backbones carry the iBOT mask token."""
     if model_cfg.arch not in ARCH_SPECS:
         raise ValueError(f"unknown arch {model_cfg.arch!r}; valid: {', '.join(ARCH_SPECS)}")
-    spec = dict(ARCH_SPECS[model_cfg.arch])
+    spec = dict(ARCH_SPECS[model_cfg.arch], mlp_ratio=model_cfg.mlp_ratio)
     for key in ("embed_dim", "depth", "num_heads"):
         value = getattr(model_cfg, key)
         if value:
@@ -36,7 +36,6 @@ def build_backbone(model_cfg, teacher: bool = False, attention: str = "sdpa") ->
         img_size=model_cfg.img_size,
         patch_size=model_cfg.patch_size,
         in_chans=model_cfg.in_chans,
-        mlp_ratio=model_cfg.mlp_ratio,
         qkv_bias=True,
         drop_path_rate=0.0 if teacher else model_cfg.drop_path_rate,
         drop_path_uniform=model_cfg.drop_path_uniform,
