@@ -107,3 +107,15 @@ def pointer_table(columns: Sequence[Sequence[torch.Tensor | None]], chunk: int,
         return torch.zeros((0, n_cols + 1), dtype=torch.int64, device=device), aligned
     table = torch.tensor(rows, dtype=torch.int64)
     return table.to(device), aligned
+
+
+# Tests set this to True so every kernel output starts as NaN: an element a kernel forgets to
+# write then fails the parity check instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """An output buffer the kernel fully overwrites (NaN-filled when POISON_OUTPUTS is set)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
