@@ -71,7 +71,8 @@ if triton is not None:
                         other=0.0).to(tl.float32) * inv_tau
             c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
             b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
-            acc += tl.sum(tl.where(m2, tl.exp(x - m[None, :] - c[:, None]), 0.0) * b[:, None], axis=0)
+            arg = tl.where(m2, x - m[None, :] - c[:, None], float("-inf"))  # ≤ 0; padding: exp → 0
+            acc += tl.sum(tl.exp(arg) * b[:, None], axis=0)
         tl.store(out_ptr + offs, acc, mask=kmask)
 
     @triton.jit
@@ -116,7 +117,7 @@ if triton is not None:
         m = tl.load(m_ptr + offs, mask=kmask, other=0.0)
         a = tl.load(a_ptr + offs, mask=kmask, other=0.0)
         scale = tl.load(btot_ptr) * tl.load(b_ptr + r)
-        e = tl.exp(x - m - tl.load(c_ptr + r))
+        e = tl.exp(tl.where(kmask, x - m - tl.load(c_ptr + r), float("-inf")))
         tl.store(p_ptr + tl.cast(r, tl.int64) * n_protos + offs, e * a * scale, mask=kmask)
 
 
