@@ -1,0 +1,312 @@
+"""Data pipeline throughput: multi-crop images/s of DALI on the GPU, DALI on the CPU and torchvision.
+
+    flashdino data bench --data DIR [--make-jpegs 2000] [--batch-size 256] [--workers 16]
+
+DIR is an image folder (class sub-folders or flat). --make-jpegs N first fills DIR with an
+ImageNet-like JPEG set (random crops of the real photos installed on this machine, ~500x375,
+quality 90) when it holds no images. Each variant runs --warmup batches, then times --batches
+batches of 2 global + L local crops (recipe sizes by default). Results are printed and written as
+JSON and Markdown (date, device, versions, the exact command) to --output.
+Variants that cannot run here (DALI-GPU without a GPU) are reported as skipped, with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+VARIANTS = ("dali-gpu", "dali-cpu", "torchvision")
+PHOTO_GLOBS = ("/usr/share/backgrounds/mate/nature/*.jpg", "/usr/share/libjxl-testdata/jxl/flower/*.jpg")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="image folder (created and filled with --make-jpegs)")
+    parser.add_argument("--make-jpegs", type=int, default=0, metavar="N",
+                        help="if DIR has no images, first write N ImageNet-like JPEGs there (from the installed photos)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--n-local", type=int, default=10)
+    parser.add_argument("--blur", default="pil", choices=("pil", "torchvision"))
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                        help="torchvision DataLoader workers and DALI external-source worker processes")
+    parser.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: half the cores, max 8; DALI-CPU: all cores)")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per variant")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"), help="output dtype of the crops")
+    parser.add_argument("--params", default="fast", choices=("fast", "reference"), help="DALI parameter sampler")
+    parser.add_argument("--no-plugin", action="store_true", help="DALI: use the built-in op chain, not the native operator")
+    parser.add_argument("--device", type=int, default=0, help="GPU for DALI-GPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="runs/data_bench", help="folder for the JSON and Markdown results")
+
+
+# ------------------------------------------------------------------------------------------
+# test data
+# ------------------------------------------------------------------------------------------
+def make_jpeg_set(out_dir: str, n: int, size=(500, 375), quality: int = 90, n_classes: int = 10, seed: int = 0,
+                  sources: Optional[List[str]] = None) -> List[str]:  # fmt: skip
+    """Write `n` JPEGs like ImageNet's (random crops of real photos, `size`, `quality`) into class folders.
+
+    The photos are the ones installed by the Debian packages mate-backgrounds and libjxl-testdata
+    (see shared/DATA.md); each class folder takes its crops from one photo. Returns the paths.
+    """
+    import numpy as np
+    from PIL import Image
+
+    paths = sources if sources is not None else sorted(p for g in PHOTO_GLOBS for p in glob.glob(g))
+    if not paths:
+        raise FileNotFoundError(f"make_jpeg_set: no source photos found under {', '.join(PHOTO_GLOBS)}")
+    rng = np.random.default_rng(seed)
+    photos = []
+    for p in paths[: max(n_classes, 1)]:
+        with Image.open(p) as img:
+            img = img.convert("RGB")
+            img.thumbnail((1600, 1600), Image.Resampling.BICUBIC)  # keep the source small: fast crops
+            photos.append(img.copy())
+    written = []
+    for i in range(n):
+        c = i % len(photos)
+        photo = photos[c]
+        w, h = size if rng.random() < 0.8 else size[::-1]  # mostly landscape, some portrait
+        scale = rng.uniform(0.35, 1.0)
+        cw = max(8, int(min(photo.width, photo.height * w / h) * scale))
+        ch = max(8, int(cw * h / w))
+        x0 = int(rng.integers(0, photo.width - cw + 1))
+        y0 = int(rng.integers(0, photo.height - ch + 1))
+        crop = photo.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BICUBIC)
+        folder = os.path.join(out_dir, f"class_{c:03d}")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"img_{i:06d}.jpg")
+        crop.save(path, "JPEG", quality=quality)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------
+def _config(args, pipeline: str):
+    from flashdino.engine.config import build_config
+
+    overrides = [
+        f"data.path={args.data}", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
+        f"data.pipeline={pipeline}", f"crops.global_size={args.global_size}", f"crops.local_size={args.local_size}",
+        f"crops.n_local={args.n_local}", f"crops.blur={args.blur}", f"train.precision={args.precision}",
+        f"train.seed={args.seed}",
+    ]  # fmt: skip
+    return build_config(None, overrides=overrides)
+
+
+def _time_loader(loader, batches: int, warmup: int, sync=None) -> Dict[str, float]:
+    it = iter(loader)
+    n_images = 0
+    for _ in range(warmup):
+        next(it)
+    if sync:
+        sync()
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+        n_images += batch["global_crops"].shape[0] // 2
+    if sync:
+        sync()
+    seconds = time.perf_counter() - start
+    return {"images": n_images, "seconds": seconds, "images_per_s": n_images / seconds}
+
+
+def run_variant(args, variant: str) -> Dict[str, Any]:
+    import torch
+
+    cfg = _config(args, "torchvision" if variant == "torchvision" else "dali")
+    need = (args.batches + args.warmup) * args.batch_size
+    result: Dict[str, Any] = {"variant": variant}
+    if variant == "torchvision":
+        from flashdino.pipelines.loader import build_train_loader
+
+        loader, sampler, reader = build_train_loader(cfg)
+        result.update(workers=args.workers)
+    else:
+        from flashdino.pipelines.dali import build_dali_loader
+        from flashdino.pipelines.dali import plugin as plugin_mod
+
+        on_gpu = variant == "dali-gpu"
+        if on_gpu and not torch.cuda.is_available():
+            return {"variant": variant, "skipped": "no CUDA GPU on this machine"}
+        loader, sampler, reader = build_dali_loader(
+            cfg, device_id=args.device if on_gpu else None, params=args.params,
+            use_plugin=False if args.no_plugin else None,
+        )  # fmt: skip
+        if args.threads:
+            loader.num_threads = args.threads
+        elif not on_gpu:
+            loader.num_threads = os.cpu_count() or 1  # all CPU work is DALI's here
+        result.update(
+            native_plugin=loader.use_plugin, fallback_reason=None if loader.use_plugin else plugin_mod.unavailable_reason(),
+            dali_threads=loader.num_threads, py_workers=loader.py_workers, params=args.params,
+        )  # fmt: skip
+    if len(reader) < need:
+        result["note"] = f"dataset has {len(reader)} images < {need} needed; epochs wrap"
+    sync = torch.cuda.synchronize if variant == "dali-gpu" else None
+    stats = _run_epochs(loader, sampler, args.batches, args.warmup, sync)
+    result.update(stats)
+    if hasattr(loader, "close"):
+        loader.close()
+    return result
+
+
+def _run_epochs(loader, sampler, batches, warmup, sync):
+    """Time `batches` batches after `warmup`, crossing epoch boundaries when the set is small."""
+
+    class _Cycle:
+        def __iter__(self):
+            epoch = 0
+            while True:
+                sampler.set_epoch(epoch)
+                yield from loader
+                epoch += 1
+
+    return _time_loader(_Cycle(), batches, warmup, sync)
+
+
+def environment(device_index: int = 0) -> Dict[str, Any]:
+    import torch
+
+    env: Dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+    }
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    try:
+        import nvidia.dali
+
+        env["dali"] = nvidia.dali.__version__
+    except ImportError:
+        env["dali"] = None
+    try:
+        from flashdino.engine.version import __version__
+
+        env["flashdino"] = __version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(device_index)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = f"CPU only ({env['cpu']})"
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def to_markdown(report: Dict[str, Any]) -> str:
+    env, a = report["environment"], report["settings"]
+    lines = [
+        "# flashdino data bench",
+        "",
+        f"- date: {env['date']}",
+        f"- device: {env['device']}; CPU: {env['cpu']} ({env['cpu_cores']} cores)",
+        f"- versions: flashdino {env.get('flashdino')}, torch {env['torch']}, torchvision {env.get('torchvision')}, "
+        f"DALI {env.get('dali')}, Python {env['python']}",
+        f"- command: `{report['command']}`",
+        f"- crops: 2 x {a['global_size']} + {a['n_local']} x {a['local_size']}, batch {a['batch_size']}, "
+        f"{a['precision']}, blur {a['blur']}, {a['batches']} timed batches after {a['warmup']}",
+        "",
+        "| variant | images/s | notes |",
+        "|---|---:|---|",
+    ]
+    for r in report["results"]:
+        if "skipped" in r:
+            lines.append(f"| {r['variant']} | - | skipped: {r['skipped']} |")
+            continue
+        notes = []
+        if "native_plugin" in r:
+            notes.append("native operator" if r["native_plugin"] else f"built-in chain ({r.get('fallback_reason')})")
+            notes.append(f"{r['dali_threads']} DALI threads, {r['py_workers']} source workers, params {r['params']}")
+        if "workers" in r:
+            notes.append(f"{r['workers']} workers")
+        if "note" in r:
+            notes.append(r["note"])
+        if "error" in r:
+            notes.append(f"error: {r['error']}")
+        ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
+        lines.append(f"| {r['variant']} | {ips} | {'; '.join(notes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args) -> int:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"flashdino data bench: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    has_images = os.path.isdir(args.data) and any(
+        f.lower().endswith((".jpg", ".jpeg", ".png")) for _, _, fs in os.walk(args.data) for f in fs
+    )
+    if not has_images:
+        if args.make_jpegs <= 0:
+            print(f"flashdino data bench: no images in '{args.data}' (use --make-jpegs N to generate a set)", file=sys.stderr)
+            return 2
+        print(f"writing {args.make_jpegs} JPEGs to {args.data} ...", flush=True)
+        make_jpeg_set(args.data, args.make_jpegs, seed=args.seed)
+    report = {
+        "command": " ".join(shlex.quote(a) for a in ["flashdino"] + sys.argv[1:]) if sys.argv[0].endswith("flashdino")
+        else " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "environment": environment(args.device),
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
+        "results": [],
+    }
+    for variant in variants:
+        print(f"[{variant}] running ...", flush=True)
+        try:
+            r = run_variant(args, variant)
+        except Exception as exc:  # one broken variant must not hide the others' numbers
+            r = {"variant": variant, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        report["results"].append(r)
+        if "images_per_s" in r:
+            print(f"[{variant}] {r['images_per_s']:.1f} images/s ({r['images']} images in {r['seconds']:.2f} s)", flush=True)
+        else:
+            print(f"[{variant}] {r.get('skipped') or r.get('error')}", flush=True)
+    os.makedirs(args.output, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(args.output, f"data_bench_{stamp}")
+    with open(base + ".json", "w") as fh:
+        json.dump(report, fh, indent=2, default=str)
+    with open(base + ".md", "w") as fh:
+        fh.write(to_markdown(report))
+    print(to_markdown(report))
+    print(f"results: {base}.json, {base}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="flashdino data bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
