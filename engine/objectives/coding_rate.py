@@ -36,6 +36,28 @@ def coding_rate_gamma(dim: int, batch: int, world_size: int) -> float:
     return (dim + rows) / (dim * rows)
 
 
+class _HalfLogdetSPD(torch.autograd.Function):
+    """(R, info) with R = 1/2 logdet(M) = sum(log(diag(chol(M)))) for symmetric positive-definite M.
+
+    Backward: dR/dM = 1/2 M^-1 = 1/2 cholesky_inverse(L), one step from the saved factor. In fp32
+    this is measurably more accurate than differentiating through the Cholesky factor (its error
+    is ~kappa(M) * 6e-8 with kappa <= 1 + alpha * B), and the gradient is exactly symmetric.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix):
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        ctx.save_for_backward(chol)
+        ctx.mark_non_differentiable(info)
+        return chol.diagonal(dim1=-2, dim2=-1).log().sum(-1), info
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_half_logdet, _grad_info):
+        (chol,) = ctx.saved_tensors
+        return 0.5 * grad_half_logdet[..., None, None] * torch.cholesky_inverse(chol)
+
+
 def _gather_rows(z: torch.Tensor) -> torch.Tensor:
     """(G, B, p) local rows -> (G, N*B, p) rows of all ranks in rank order, differentiably.
 
@@ -104,8 +126,7 @@ def coding_rate(
         else:
             gram = zs.mT @ zs  # (G, p, p)
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        chol, info = torch.linalg.cholesky_ex(eye + alpha * gram)
-        half_logdet = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        half_logdet, info = _HalfLogdetSPD.apply(eye + alpha * gram)
         failed = info != 0
         if debug_checks_enabled(debug) and bool(failed.any()):
             raise FloatingPointError(

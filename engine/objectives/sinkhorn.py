@@ -19,44 +19,50 @@ def _all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
     """Balanced soft assignments of the rows of all ranks to the K prototypes. (rows, K) -> (rows, K).
 
-    Q = exp(u / teacher_temp)^T (K x rows), divided by its global sum; then n_iterations times:
-    each prototype row is divided by its global sum (all-reduced) and by K, each sample column
-    by its local sum and by B_tot (the row count summed over ranks). Finally Q * B_tot, so each
-    sample's assignment sums to 1.
+    The spec's recipe: Q = exp(u / teacher_temp)^T (K x rows), divided by its global sum; then
+    n_iterations times: each prototype row divided by its global sum (all-reduced) and by K, each
+    sample column by its local sum and by B_tot (rows summed over ranks); finally Q * B_tot, so
+    each sample's assignment sums to 1. Ranks may hold different numbers of rows (also zero);
+    every rank must call this collectively.
 
-    Overflow guard: the reference exponentiates u / teacher_temp directly, which overflows fp32
-    once a logit exceeds 88.7 * teacher_temp (3.5 at 0.04, e.g. DINOv2's trainable prototype
-    norm g > 3.5) and then returns NaN. We subtract each prototype's maximum logit over all rows of
-    all ranks (an all-reduced MAX) first. That multiplies each row of Q by a constant, which the
-    first prototype normalization removes exactly, so the result is mathematically unchanged. Every
-    prototype row then holds a 1, so no row sum can underflow to 0. A remaining failure needs a
-    sample whose logit is more than ~87 * teacher_temp below every prototype's maximum (its whole
-    column underflows to 0): that sample's result is NaN, visible to the finiteness check.
-    Ranks may hold different numbers of rows (also zero); every rank must call this collectively.
+    Overflow/underflow: the reference exponentiates u / teacher_temp as is, which overflows fp32
+    once a logit exceeds 88.7 * teacher_temp (3.5 at 0.04; e.g. DINOv2's trainable prototype norm
+    g > 3.5) and returns NaN. Subtracting only a maximum is not enough either: a sample whose
+    logits all lie > 87 * teacher_temp below the maxima would underflow to a zero column (0/0).
+    We therefore run the identical iterations in scaling form, Q = diag(a) E diag(b), with
+        E[k, j] = exp((u[j, k] - M_k) / T - c_j),   M_k = max over all rows of all ranks,
+                                                    c_j = max_k (u[j, k] - M_k) / T  (<= 0)
+    so E <= 1 with a 1 in every column and in every prototype row (globally): no sum can
+    underflow. Each row update sets a = 1 / (K * rowsum(E b)) and each column update
+    b = 1 / (B_tot * colsum(diag(a) E)), exactly the spec's normalizations; the initial global
+    normalization and exp(M) are row scalings, removed exactly by the first row update, and
+    exp(c) is the initial b. Everything stays in the linear domain, so fp32 accuracy is that of
+    the reference formula when it does not overflow.
     """
     fn = "sinkhorn_knopp"
     check_2d("teacher_logits", fn, teacher_logits)
     if not teacher_temp > 0:
         raise ValueError(f"{fn}: 'teacher_temp' must be > 0, got {teacher_temp!r}")
-    if not isinstance(n_iterations, int) or n_iterations < 0:
-        raise ValueError(f"{fn}: 'n_iterations' must be an int >= 0, got {n_iterations!r}")
+    if not isinstance(n_iterations, int) or n_iterations < 1:
+        raise ValueError(f"{fn}: 'n_iterations' must be an int >= 1, got {n_iterations!r}")
     with full_precision(teacher_logits):
-        u = teacher_logits.to(compute_dtype(teacher_logits))
-        n_rows, n_protos = u.shape
+        scores = teacher_logits.to(compute_dtype(teacher_logits)).T / teacher_temp  # (K, rows)
+        n_protos, n_rows = scores.shape
         if n_rows:
-            proto_max = u.amax(dim=0)
+            proto_max = scores.amax(dim=1, keepdim=True)
         else:
-            proto_max = u.new_full((n_protos,), float("-inf"))
+            proto_max = scores.new_full((n_protos, 1), float("-inf"))
         _all_reduce_max_(proto_max)
-        q = torch.exp((u - proto_max) / teacher_temp).T  # (K, rows)
+        shifted = scores - proto_max  # <= 0
+        if n_protos:
+            sample_shift = shifted.amax(dim=0, keepdim=True)  # (1, rows), <= 0
+        else:
+            sample_shift = shifted.new_zeros((1, n_rows))
+        e = torch.exp(shifted - sample_shift)
+        total_rows = all_reduce_sum_(scores.new_tensor(float(n_rows)))
 
-        # Global row count and global sum of Q share one all-reduce.
-        stats = torch.stack([q.new_tensor(float(n_rows)), q.sum()])
-        all_reduce_sum_(stats)
-        total_rows, total_mass = stats[0], stats[1]
-        q = q / total_mass
+        b = torch.exp(sample_shift).squeeze(0)  # (rows,)
         for _ in range(n_iterations):
-            proto_sums = all_reduce_sum_(q.sum(dim=1, keepdim=True))
-            q = q / proto_sums / n_protos
-            q = q / q.sum(dim=0, keepdim=True) / total_rows
-        return (q * total_rows).T
+            a = 1.0 / (n_protos * all_reduce_sum_(e @ b))  # prototype (row) normalization
+            b = 1.0 / (total_rows * (a @ e))  # sample (column) normalization, local
+        return (a[:, None] * e * b[None, :] * total_rows).T
