@@ -12,7 +12,7 @@ import os
 import random
 import re
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -87,6 +87,14 @@ def save_checkpoint(output_dir: str, state: Dict[str, Any], step: int, keep: int
         for _, path in old[:-keep]:
             os.unlink(path)
     return latest
+
+
+def remove_stale_temp_files(output_dir: str) -> List[str]:
+    """Delete temp files a killed run left behind mid-write (they are never read)."""
+    stale = glob.glob(os.path.join(output_dir, "*.pth.tmp.*"))
+    for path in stale:
+        os.unlink(path)
+    return stale
 
 
 def find_latest(output_dir: str) -> Optional[str]:

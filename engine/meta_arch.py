@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from . import objectives as O
-from .distributed import get_world_size
+from .distributed import all_reduce_sum_, get_world_size
 from .models import build_backbone, build_head
+from flashdino.profiling.ranges import phase
 
 PATCH_METHODS = ("simdinov2", "dinov2")
 PROTOTYPE_METHODS = ("dino", "dinov2")
@@ -26,10 +27,11 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.method = cfg.objective.method
-        student_backbone = build_backbone(cfg.model)
+        attention = cfg.runtime.attention
+        student_backbone = build_backbone(cfg.model, attention=attention)
         embed_dim = student_backbone.embed_dim
         self.student = nn.ModuleDict({"backbone": student_backbone, "head": build_head(cfg.head, embed_dim, self.method)})
-        teacher_backbone = build_backbone(cfg.model, teacher=True)
+        teacher_backbone = build_backbone(cfg.model, teacher=True, attention=attention)
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone, "head": build_head(cfg.head, embed_dim, self.method)})
         # The teacher starts as an exact copy of the student (spec 1.7).
         self.teacher.load_state_dict(self.student.state_dict())
@@ -75,26 +77,32 @@ class SSLMetaArch(nn.Module):
 
     # --------------------------------------------------------------------------------------
     def _simdino(self, batch):
-        with torch.no_grad():
+        with phase("teacher_forward"), torch.no_grad():
             t = self.teacher["head"](self._teacher_features(batch["global_crops"])["cls"])
-        s_cls, _ = self._student_cls(batch["global_crops"], batch.get("local_crops"))
-        s = self.student["head"](s_cls)
+        with phase("student_forward"):
+            s_cls, _ = self._student_cls(batch["global_crops"], batch.get("local_crops"))
+            s = self.student["head"](s_cls)
         o = self.cfg.objective
-        loss, comp, expa = self.loss_impl.simdino(s, t, self.n_crops, o)
+        with phase("loss"):
+            loss, comp, expa = self.loss_impl.simdino(s, t, self.n_crops, o)
+        self.last_teacher_output = t.detach()
         return {"total_loss": loss, "comp_loss": comp, "expa_loss": expa}
 
     def _dino(self, batch, teacher_temp):
         o = self.cfg.objective
-        with torch.no_grad():
+        with phase("teacher_forward"), torch.no_grad():
             t_logits = self.teacher["head"](self._teacher_features(batch["global_crops"])["cls"])
-        s_cls, _ = self._student_cls(batch["global_crops"], batch.get("local_crops"))
-        s_logits = self.student["head"](s_cls)
-        if o.centering == "sinkhorn_knopp":
-            probs = O.sinkhorn_knopp(t_logits, teacher_temp)
-            loss = O.dino_cross_entropy(s_logits, probs, self.n_crops, o.student_temp)
-        else:
-            loss, new_center = self.loss_impl.dino(s_logits, t_logits, self.center, self.n_crops, o, teacher_temp)
-            self.center.copy_(new_center)
+        with phase("student_forward"):
+            s_cls, _ = self._student_cls(batch["global_crops"], batch.get("local_crops"))
+            s_logits = self.student["head"](s_cls)
+        with phase("loss"):
+            if o.centering == "sinkhorn_knopp":
+                probs = O.sinkhorn_knopp(t_logits.float(), teacher_temp)
+                loss = O.dino_cross_entropy(s_logits.float(), probs, self.n_crops, o.student_temp)
+            else:
+                loss, new_center = self.loss_impl.dino(s_logits, t_logits, self.center, self.n_crops, o, teacher_temp)
+                self.center.copy_(new_center)
+        self.last_teacher_output = t_logits.detach()
         return {"total_loss": loss, "dino_loss": loss.detach()}
 
     def _masked_head_inputs(self, batch):
@@ -104,25 +112,29 @@ class SSLMetaArch(nn.Module):
         o = self.cfg.objective
         idx, weights = self._masked_head_inputs(batch)
         n_global = batch["global_crops"].shape[0]
-        with torch.no_grad():
+        with phase("teacher_forward"), torch.no_grad():
             tf = self._teacher_features(batch["global_crops"])
             t_out = self.teacher["head"](torch.cat([tf["cls"], tf["patch"].flatten(0, 1)[idx]]))
             t_cls, t_patch = t_out[:n_global], t_out[n_global:]
-        s_cls_all, g = self._student_cls(batch["global_crops"], batch.get("local_crops"), masks=batch["masks"])
-        s_out = self.student["head"](torch.cat([s_cls_all, g["patch"].flatten(0, 1)[idx]]))
+        with phase("student_forward"):
+            s_cls_all, g = self._student_cls(batch["global_crops"], batch.get("local_crops"), masks=batch["masks"])
+            s_out = self.student["head"](torch.cat([s_cls_all, g["patch"].flatten(0, 1)[idx]]))
         n_cls = s_cls_all.shape[0]
         s_cls, s_patch = s_out[:n_cls], s_out[n_cls:]
-        return O.simdinov2_loss(
-            s_cls.float(), t_cls.float(), s_patch.float(), t_patch.float(), weights, self.n_crops,
-            eps=o.eps, coeff=o.coeff, expa_type=o.expa_type, world_size=get_world_size(),
-            dino_weight=o.dino_weight, ibot_weight=o.ibot_weight, reduce_cov=o.reduce_cov, virtual_ranks=o.virtual_ranks,
-        )
+        self.last_teacher_output = t_cls.detach()
+        with phase("loss"):
+            return O.simdinov2_loss(
+                s_cls.float(), t_cls.float(), s_patch.float(), t_patch.float(), weights, self.n_crops,
+                eps=o.eps, coeff=o.coeff, expa_type=o.expa_type, world_size=get_world_size(),
+                dino_weight=o.dino_weight, ibot_weight=o.ibot_weight, reduce_cov=o.reduce_cov,
+                virtual_ranks=o.virtual_ranks,
+            )
 
     def _dinov2(self, batch, teacher_temp):
         o = self.cfg.objective
         idx, weights = self._masked_head_inputs(batch)
         n_global = batch["global_crops"].shape[0]
-        with torch.no_grad():
+        with phase("teacher_forward"), torch.no_grad():
             tf = self._teacher_features(batch["global_crops"])
             t_out = self.teacher["head"](torch.cat([tf["cls"], tf["patch"].flatten(0, 1)[idx]])).float()
             t_cls, t_patch = t_out[:n_global], t_out[n_global:]
@@ -132,29 +144,50 @@ class SSLMetaArch(nn.Module):
             else:
                 q_cls = O.softmax_center_teacher(t_cls, self.center, teacher_temp)
                 q_patch = O.softmax_center_teacher(t_patch, self.patch_center, teacher_temp)
-        s_cls_all, g = self._student_cls(batch["global_crops"], batch.get("local_crops"), masks=batch["masks"])
-        s_out = self.student["head"](torch.cat([s_cls_all, g["patch"].flatten(0, 1)[idx]])).float()
+        with phase("student_forward"):
+            s_cls_all, g = self._student_cls(batch["global_crops"], batch.get("local_crops"), masks=batch["masks"])
+            s_out = self.student["head"](torch.cat([s_cls_all, g["patch"].flatten(0, 1)[idx]])).float()
         n_cls = s_cls_all.shape[0]
         s_cls, s_patch = s_out[:n_cls], s_out[n_cls:]
+        self.last_teacher_output = t_cls.detach()
+        with phase("loss"):
+            out = self._dinov2_loss_terms(s_cls, s_patch, q_cls, q_patch, g["cls"], weights, n_global)
+            self._update_dinov2_centers(t_cls, t_patch)
+        return out
+
+    def _dinov2_loss_terms(self, s_cls, s_patch, q_cls, q_patch, student_global_cls, weights, n_global):
+        o = self.cfg.objective
         dino = O.dino_cross_entropy(s_cls, q_cls, self.n_crops, o.student_temp)
         ibot = O.ibot_patch_loss(s_patch, q_patch, weights, n_global, o.student_temp)
         total = o.dino_weight * dino + o.ibot_weight * ibot
         out = {"dino_local_crops_loss": dino.detach(), "ibot_loss": ibot.detach()}
         if o.koleo_weight > 0:
+            # KoLeo on the student backbone CLS of each global crop separately, in fp32 (spec 4.2).
             b = n_global // 2
-            cls_global = g["cls"].float()
+            cls_global = student_global_cls.float()
             koleo = o.koleo_weight * (O.koleo_loss(cls_global[:b]) + O.koleo_loss(cls_global[b:]))
             total = total + koleo
             out["koleo_loss"] = koleo.detach()
-        if o.centering == "centering":
-            with torch.no_grad():
-                self.center.copy_(O.update_center(self.center, t_cls, o.center_momentum))
-                # Patch center: mean of this rank's masked rows, then averaged over ranks (spec 4.2).
-                if t_patch.shape[0] > 0:
-                    local_mean = t_patch.mean(dim=0, keepdim=True)
-                    self.patch_center.copy_(O.update_center(self.patch_center, local_mean, o.center_momentum))
         out["total_loss"] = total
         return out
+
+    @torch.no_grad()
+    def _update_dinov2_centers(self, t_cls, t_patch):
+        o = self.cfg.objective
+        if o.centering != "centering":
+            return
+        self.center.copy_(O.update_center(self.center, t_cls, o.center_momentum))
+        # Patch center: mean of each rank's masked rows, averaged over the ranks that have any
+        # (spec 4.2). Every rank joins the all-reduce, even with no masked patch, or it would hang.
+        has_rows = float(t_patch.shape[0] > 0)
+        local_mean = t_patch.sum(0) / max(t_patch.shape[0], 1)
+        stats = torch.cat([local_mean, local_mean.new_full((1,), has_rows)])
+        all_reduce_sum_(stats)
+        ranks_with_rows = stats[-1]
+        mean = (stats[:-1] / ranks_with_rows.clamp(min=1.0)).reshape(self.patch_center.shape)
+        # No masked patch anywhere: keep the old center (branch-free, no host sync).
+        m = torch.where(ranks_with_rows > 0, o.center_momentum, 1.0)
+        self.patch_center.copy_(m * self.patch_center + (1 - m) * mean)
 
 
 class _LossImpl:

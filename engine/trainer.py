@@ -27,6 +27,7 @@ from .meta_arch import SSLMetaArch, unwrap
 from .metrics import MetricsLogger
 from .optim import apply_schedule, build_optimizer, build_param_groups, clip_per_module, clip_per_parameter, drop_last_layer_grads
 from .schedules import build_schedules
+from flashdino.profiling.ranges import phase
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,6 +76,11 @@ class Trainer:
         self.state = TrainState()
         self._build_data(epoch=0, start_batch=0)
         iters = cfg.optim.iters_per_epoch or self.sampler.batches_per_epoch
+        if iters > self.sampler.batches_per_epoch:
+            raise ValueError(
+                f"optim.iters_per_epoch={iters} exceeds the {self.sampler.batches_per_epoch} batches an epoch of "
+                f"this dataset holds at data.batch_size={cfg.data.batch_size} x {self.world_size} ranks"
+            )
         if iters < 1:
             raise ValueError(
                 f"the dataset has {len(self.dataset)} images: fewer than one batch of {cfg.data.batch_size} x "
@@ -126,7 +132,6 @@ class Trainer:
             self.loader, self.sampler, self.dataset = build_train_loader(
                 cfg, self.rank, self.world_size, epoch=epoch, start_batch=start_batch
             )
-            self.loader.generator = torch.Generator().manual_seed(cfg.train.seed)
 
     def _set_epoch(self, epoch: int, start_batch: int) -> None:
         if hasattr(self.loader, "set_epoch"):
@@ -166,6 +171,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
 
     def _maybe_resume(self) -> None:
+        if is_main_process() and os.path.isdir(self.output_dir):
+            ckpt.remove_stale_temp_files(self.output_dir)
         path = ckpt.find_latest(self.output_dir)
         if path is None:
             return
@@ -203,27 +210,32 @@ class Trainer:
         cfg, i = self.cfg, self.state.step
         sched = self.schedules.values(i)
         apply_schedule(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-        batch = self._to_device(batch)
+        with phase("h2d"):
+            batch = self._to_device(batch)
 
+        # teacher forward, student forward and the loss (phases marked inside the model)
         with self._autocast():
             losses = self.ddp_model(batch, teacher_temp=sched["teacher_temp"])
         self.guard.record(i, losses)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["total_loss"]).backward()
-        self.scaler.unscale_(self.optimizer)
-        student = self.model.student
-        if cfg.optim.clip_grad > 0:
-            if cfg.optim.clip_mode == "per_param":
-                clip_per_parameter(student.parameters(), cfg.optim.clip_grad)
-            else:
-                norms = clip_per_module([student["backbone"], student["head"]], cfg.optim.clip_grad)
-                losses["grad_norm_backbone"], losses["grad_norm_head"] = norms[0].detach(), norms[1].detach()
-        if cfg.objective.method == "dino" and self.state.epoch < cfg.objective.freeze_last_layer_epochs:
-            drop_last_layer_grads(student)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.ema.update(sched["momentum"])
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses["total_loss"]).backward()
+        with phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            student = self.model.student
+            if cfg.optim.clip_grad > 0:
+                if cfg.optim.clip_mode == "per_param":
+                    clip_per_parameter(student.parameters(), cfg.optim.clip_grad)
+                else:
+                    norms = clip_per_module([student["backbone"], student["head"]], cfg.optim.clip_grad)
+                    losses["grad_norm_backbone"], losses["grad_norm_head"] = norms[0].detach(), norms[1].detach()
+            if cfg.objective.method == "dino" and self.state.epoch < cfg.objective.freeze_last_layer_epochs:
+                drop_last_layer_grads(student)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with phase("ema"):
+            self.ema.update(sched["momentum"])
 
         losses.update({k: torch.tensor(v) for k, v in sched.items()})
         return losses
@@ -245,8 +257,11 @@ class Trainer:
         try:
             while st.step < self.total_steps:
                 self._set_epoch(st.epoch, st.batch_in_epoch)
-                for batch in self.loader:
-                    if st.step >= self.total_steps or st.batch_in_epoch >= n:
+                batches = iter(self.loader)
+                while st.step < self.total_steps and st.batch_in_epoch < n:
+                    with phase("data_wait"):
+                        batch = next(batches, None)
+                    if batch is None:
                         break
                     self._count_skipped(batch)
                     losses = self.train_step(batch)

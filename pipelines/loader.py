@@ -300,6 +300,9 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, 
     collate = functools.partial(collate_multicrop, masking=build_masking(cfg), seed=seed, rank=rank)
     loader = torch.utils.data.DataLoader(
         dataset,
+        # An own generator: without it every new iterator draws its worker base seed from the global
+        # torch RNG, and a resumed run (which creates one iterator more) would drift from a straight one.
+        generator=torch.Generator().manual_seed(seed),
         batch_sampler=KeyedBatchSampler(sampler),
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
