@@ -33,29 +33,32 @@ def check_2d(name: str, fn: str, t: torch.Tensor) -> None:
         raise TypeError(f"{fn}: '{name}' must be a floating-point tensor, got {t.dtype}")
 
 
-def split_crop_major(fn: str, student: torch.Tensor, teacher: torch.Tensor, n_crops: int):
+def split_crop_major(
+    fn: str, student: torch.Tensor, teacher: torch.Tensor, n_crops: int, names=("student", "teacher")
+):
     """Validate crop-major student (V*B, d) / teacher (2*B, d) tensors; return (V, B, d)."""
-    check_2d("student", fn, student)
-    check_2d("teacher", fn, teacher)
+    s_name, t_name = names
+    check_2d(s_name, fn, student)
+    check_2d(t_name, fn, teacher)
     if not isinstance(n_crops, int) or n_crops < 2:
         raise ValueError(f"{fn}: 'n_crops' must be an int >= 2 (two global crops first), got {n_crops!r}")
     if student.shape[0] % n_crops:
         raise ValueError(
-            f"{fn}: student has {student.shape[0]} rows, not a multiple of n_crops={n_crops} "
+            f"{fn}: '{s_name}' has {student.shape[0]} rows, not a multiple of n_crops={n_crops} "
             "(expected crop-major (n_crops * B, dim))"
         )
     batch = student.shape[0] // n_crops
     if teacher.shape[0] != 2 * batch:
         raise ValueError(
-            f"{fn}: teacher has {teacher.shape[0]} rows but student implies B={batch} "
-            f"(student rows {student.shape[0]} / n_crops {n_crops}); teacher must be (2 * B, dim)"
+            f"{fn}: '{t_name}' has {teacher.shape[0]} rows but '{s_name}' implies B={batch} "
+            f"({student.shape[0]} rows / n_crops {n_crops}); '{t_name}' must be (2 * B, dim)"
         )
     if student.shape[1] != teacher.shape[1]:
         raise ValueError(
-            f"{fn}: student dim {student.shape[1]} != teacher dim {teacher.shape[1]}"
+            f"{fn}: '{s_name}' dim {student.shape[1]} != '{t_name}' dim {teacher.shape[1]}"
         )
     if batch == 0:
-        raise ValueError(f"{fn}: empty batch (student shape {tuple(student.shape)})")
+        raise ValueError(f"{fn}: empty batch ('{s_name}' shape {tuple(student.shape)})")
     return n_crops, batch, student.shape[1]
 
 

@@ -67,7 +67,9 @@ def dino_cross_entropy(
     l[g, v] = (1/B) sum_b -sum_k q[g,b,k] log softmax(a[v,b] / student_temp)_k, pairs v != g.
     """
     fn = "dino_cross_entropy"
-    n_views, batch, n_protos = split_crop_major(fn, student_logits, teacher_probs, n_crops)
+    n_views, batch, n_protos = split_crop_major(
+        fn, student_logits, teacher_probs, n_crops, names=("student_logits", "teacher_probs")
+    )
     if not student_temp > 0:
         raise ValueError(f"{fn}: 'student_temp' must be > 0, got {student_temp!r}")
     with full_precision(student_logits):

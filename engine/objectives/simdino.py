@@ -19,13 +19,14 @@ def simdino_terms(
     *,
     debug: bool | None = None,
     fn: str = "simdino_loss",
+    names=("student", "teacher"),
 ):
     """The pieces of the SimDINO loss: (comp, expa, pair_cos).
 
     pair_cos is the (2, V) matrix C[g, v] of batch-mean cosines between teacher global view g
     and student view v (same-view entries included; they are masked out of comp).
     """
-    n_views, batch, dim = split_crop_major(fn, student, teacher, n_crops)
+    n_views, batch, dim = split_crop_major(fn, student, teacher, n_crops, names)
     if expa_type not in (0, 1):
         raise ValueError(f"{fn}: 'expa_type' must be 0 or 1, got {expa_type!r}")
     if not isinstance(virtual_ranks, int) or virtual_ranks < 1 or batch % virtual_ranks:

@@ -75,7 +75,7 @@ def simdinov2_loss(
     """
     comp, expa, pair_cos = simdino_terms(
         student_cls, teacher_cls, n_crops, eps, expa_type, world_size, reduce_cov, virtual_ranks,
-        debug=debug, fn="simdinov2_loss",
+        debug=debug, fn="simdinov2_loss", names=("student_cls", "teacher_cls"),
     )
     dino_loss = -coeff * comp - expa
     ibot = cosine_patch_loss(student_patch, teacher_patch, patch_weights, teacher_cls.shape[0])
