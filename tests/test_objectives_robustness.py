@@ -191,3 +191,24 @@ BAD_CALLS = [
 def test_bad_input_is_named(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+def test_cuda_under_autocast_matches_cpu(amp_dtype):
+    """On a GPU under autocast (TF32 off by conftest), every objective equals its CPU fp32 value."""
+    cpu = all_objectives(5)
+
+    def on_cuda(seed):
+        s, t = features(seed)
+        return s.cuda(), t.cuda()
+
+    s, t = on_cuda(5)
+    with torch.autocast("cuda", dtype=amp_dtype):
+        got = torch.stack(simdino_loss(s.half(), t.half(), 4, eps=0.05))
+        rate = coding_rate(s.view(4, 6, 16), 0.05)
+        rate_cov = coding_rate(s.view(2, 12, 16)[:, :, :8], 0.05)
+    ref = torch.stack(simdino_loss(s.half().float().cpu(), t.half().float().cpu(), 4, eps=0.05))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rate.cpu(), cpu["coding_rate"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rate_cov.cpu(), cpu["coding_rate_cov"], rtol=1e-5, atol=1e-6)
