@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Set
 
 import numpy as np
@@ -157,7 +158,10 @@ class DaliMultiCropLoader:
             use_plugin=self.use_plugin,
             hw_decoder_load=self.hw_decoder_load,
         )
-        pipe.build()
+        with warnings.catch_warnings():
+            # The built-in chain has no use for the jitter order; DALI would warn about it.
+            warnings.filterwarnings("ignore", message=r".*produces \d+ outputs, but the output at the index")
+            pipe.build()
         self._pipe, self._source = pipe, source
         self._pipe_state = [epoch, start, 0, start]
 
@@ -331,7 +335,7 @@ def decodes_in_dali(images: List[np.ndarray], device_id: Optional[int]) -> bool:
 
     pipe = Pipeline(batch_size=len(images), num_threads=1, device_id=device_id, prefetch_queue_depth=1)
     with pipe:
-        x = fn.external_source(source=lambda: list(images), batch=True, cycle=False)
+        x = fn.external_source(source=lambda: list(images), batch=True)
         pipe.set_outputs(fn.decoders.image(x, device="mixed" if device_id is not None else "cpu",
                                            output_type=types.RGB, adjust_orientation=False))  # fmt: skip
     try:

@@ -118,6 +118,14 @@ def build_native_plugin(
     return path
 
 
+def ensure_native_plugin(build_dir: str = DEFAULT_BUILD_DIR, cuda: str = "auto", jobs: Optional[int] = None) -> Optional[str]:
+    """The plugin in `build_dir` if it is up to date with the sources, else a fresh build (or None)."""
+    path = os.path.join(build_dir, PLUGIN_NAME)
+    if not plugin_is_stale(path):
+        return path
+    return build_native_plugin(build_dir, cuda=cuda, jobs=jobs)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Build the flashdino DALI operator plugin with CMake.")
     parser.add_argument("build_dir", nargs="?", default=DEFAULT_BUILD_DIR)
