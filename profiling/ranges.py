@@ -1,12 +1,18 @@
 """Named phases of a training step, marked for NVTX (Nsight Systems), torch.profiler and timers.
 
 `phase(name)` costs one global check when profiling is off, so the engine can mark its phases
-unconditionally. The bench/profile harnesses turn it on with `enable(...)`.
+unconditionally. The bench/profile harnesses turn it on with `enable(...)`, or with a
+:class:`PhaseTimer`, which adds up the time of every phase: CUDA events on the GPU (no host sync
+inside the step; resolved once in `summary()`), wall clock on the CPU (where ops run synchronously).
+
+Phases inside a `torch.compile`d region are not marked (the compiler would have to trace the
+callbacks); a timer then reports that time as part of the step only.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -68,3 +74,78 @@ def phase(name: str):
     if not _enabled or torch.compiler.is_compiling():
         return _NULL
     return _marked(name)
+
+
+# ------------------------------------------------------------------------------------------
+# per-phase timing
+# ------------------------------------------------------------------------------------------
+
+
+class PhaseTimer:
+    """Adds up the time spent in each phase while active (``with PhaseTimer(device) as timer:``).
+
+    On CUDA every enter/exit records an event on the current stream, so the step keeps running
+    asynchronously; `summary()` synchronizes once and reads the elapsed times. On the CPU the
+    clock is `time.perf_counter`. Nested phases are timed each on their own (a parent's time
+    includes its children's).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        self._open: List[Tuple[str, object]] = []
+        self._spans: List[Tuple[str, object, object]] = []
+        self._active = False
+
+    def _now(self):
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _enter(self, name: str) -> None:
+        self._open.append((name, self._now()))
+
+    def _exit(self, name: str) -> None:
+        # Phases close in LIFO order; a mismatch means the marking code is broken, so say so.
+        if not self._open or self._open[-1][0] != name:
+            open_names = [n for n, _ in self._open]
+            raise RuntimeError(f"PhaseTimer: phase '{name}' closed while {open_names} are open")
+        opened_name, start = self._open.pop()
+        self._spans.append((opened_name, start, self._now()))
+
+    def start(self) -> "PhaseTimer":
+        if is_enabled():
+            raise RuntimeError("PhaseTimer: phase marking is already enabled by someone else; stop them first")
+        enable(self._enter, self._exit)
+        self._active = True
+        return self
+
+    def stop(self) -> None:
+        if self._active:
+            disable()
+            self._active = False
+
+    def __enter__(self) -> "PhaseTimer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        self._spans.clear()
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        """{phase: {"total_ms", "count", "mean_ms"}} over the spans recorded so far (phase order of PHASES first)."""
+        if self._open:
+            raise RuntimeError(f"PhaseTimer: phases still open: {[n for n, _ in self._open]}")
+        if self._cuda and self._spans:
+            torch.cuda.synchronize(self.device)
+        totals: Dict[str, List[float]] = {}
+        for name, start, end in self._spans:
+            ms = start.elapsed_time(end) if self._cuda else (end - start) * 1e3
+            totals.setdefault(name, []).append(ms)
+        order = [p for p in PHASES if p in totals] + sorted(n for n in totals if n not in PHASES)
+        return {n: {"total_ms": sum(totals[n]), "count": len(totals[n]), "mean_ms": sum(totals[n]) / len(totals[n])}
+                for n in order}

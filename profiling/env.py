@@ -1,0 +1,120 @@
+"""What a result was measured on: device, driver, library versions, git commit, the exact command.
+
+Every JSON the harnesses write carries this block, so a number is never separated from the
+machine and the code that produced it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+_LIBRARIES = ("torch", "triton", "numpy", "nvidia-dali-cuda130", "deepspeed", "nvtx", "timm", "flash-attn", "flashdino")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def library_versions() -> Dict[str, Optional[str]]:
+    out: Dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["cuda_runtime"] = torch.version.cuda
+    out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    return out
+
+
+def _run(cmd: List[str], cwd: Optional[str] = None) -> Optional[str]:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_info(root: str = _REPO_ROOT) -> Dict[str, object]:
+    """Commit of the checkout the code was imported from, and whether it had uncommitted changes."""
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root) if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def device_info(device: torch.device) -> Dict[str, object]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={index}"])
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "multiprocessors": props.multi_processor_count,
+            "driver": driver,
+            "count": torch.cuda.device_count(),
+        }
+    return {
+        "type": device.type,
+        "name": f"CPU ({platform.processor() or platform.machine()})",
+        "cpu_model": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "logical_cpus": os.cpu_count(),
+        "driver": None,
+    }
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def command_line(prog_args: Optional[List[str]] = None) -> str:
+    """The exact command that was run (``prog_args`` when given, else this process's argv)."""
+    args = prog_args if prog_args is not None else [sys.executable] + sys.argv
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def run_metadata(device: torch.device, command: Optional[str] = None) -> Dict[str, object]:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_info(device),
+        "versions": library_versions(),
+        "git": git_info(),
+        "command": command or command_line(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+    }
+
+
+def describe(meta: Dict[str, object]) -> List[str]:
+    """Markdown bullet lines for a metadata block."""
+    dev = meta["device"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    git = meta["git"]
+    commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+    lines = [
+        f"- date: {meta['date']}",
+        f"- device: {dev['name']}" + (f", driver {dev['driver']}" if dev.get("driver") else "")
+        + (f", {dev['memory_gib']} GiB" if dev.get("memory_gib") else "")
+        + (f", {dev['threads']} threads" if dev.get("threads") else ""),
+        f"- versions: {versions}",
+        f"- git commit: {commit}",
+        f"- command: `{meta['command']}`",
+    ]
+    return lines
