@@ -53,14 +53,14 @@ if triton is not None:
             n_k = n_rows
         acc = tl.zeros((NPAD, NPAD), dtype=tl.float32)
         for k0 in range(0, n_k, BLOCK_K):
-            k = k0 + kk
+            kc = k0 + kk
             if GRAM:  # tile (NPAD rows, BLOCK_K features)
-                offs = idx[:, None] * s_r + k[None, :] * s_c
-                tile = _load_z(base, ybase, offs, (idx[:, None] < n) & (k[None, :] < n_k), HAS_Y)
+                offs = idx[:, None] * s_r + kc[None, :] * s_c
+                tile = _load_z(base, ybase, offs, (idx[:, None] < n) & (kc[None, :] < n_k), HAS_Y)
                 acc += tl.dot(tile, tl.trans(tile), input_precision="ieee")
             else:  # tile (BLOCK_K rows, NPAD features)
-                offs = k[:, None] * s_r + idx[None, :] * s_c
-                tile = _load_z(base, ybase, offs, (k[:, None] < n_k) & (idx[None, :] < n), HAS_Y)
+                offs = kc[:, None] * s_r + idx[None, :] * s_c
+                tile = _load_z(base, ybase, offs, (kc[:, None] < n_k) & (idx[None, :] < n), HAS_Y)
                 acc += tl.dot(tl.trans(tile), tile, input_precision="ieee")
         is_row = idx[:, None]
         is_col = idx[None, :]
@@ -68,33 +68,39 @@ if triton is not None:
         # Sweep every pivot k < n. Padding rows/cols (≥ n) hold the identity and are never swept;
         # they meet the swept block only through zeros.
         logdet = tl.zeros((), dtype=tl.float32)
-        for k in range(0, n):
-            row = tl.sum(tl.where(is_row == k, a, 0.0), axis=0)  # row k (= column k: symmetric)
-            d = tl.sum(tl.where(idx == k, row, 0.0), axis=0)
+        for piv in range(0, n):
+            row = tl.sum(tl.where(is_row == piv, a, 0.0), axis=0)  # row piv (= column piv: symmetric)
+            d = tl.sum(tl.where(idx == piv, row, 0.0), axis=0)
             logdet += tl.log(d)
             inv_d = 1.0 / d
             r = row[None, :]
             c = row[:, None]
             upd = a - (c * r) * inv_d
-            upd = tl.where(is_row == k, r * inv_d, upd)
-            upd = tl.where(is_col == k, c * inv_d, upd)
-            a = tl.where((is_row == k) & (is_col == k), -inv_d, upd)
+            upd = tl.where(is_row == piv, r * inv_d, upd)
+            upd = tl.where(is_col == piv, c * inv_d, upd)
+            a = tl.where((is_row == piv) & (is_col == piv), -inv_d, upd)
         tl.store(rate_ptr + g, 0.5 * logdet)
         if WITH_GRAD:
             m_inv = -(alpha * grad_scale) * a  # the sweep leaves −M⁻¹ (padding meets only zeros)
             gbase = grad_ptr + g * n_rows * n_cols  # gradient: contiguous (G, n_rows, n_cols)
             for k0 in range(0, n_k, BLOCK_K):
-                k = k0 + kk
+                kc = k0 + kk
                 if GRAM:
-                    mask = (idx[:, None] < n) & (k[None, :] < n_k)
-                    tile = _load_z(base, ybase, idx[:, None] * s_r + k[None, :] * s_c, mask, HAS_Y)
+                    mask = (idx[:, None] < n) & (kc[None, :] < n_k)
+                    tile = _load_z(base, ybase, idx[:, None] * s_r + kc[None, :] * s_c, mask, HAS_Y)
                     out = tl.dot(m_inv, tile, input_precision="ieee")
-                    tl.store(gbase + idx[:, None] * n_cols + k[None, :], out, mask=mask)
+                    tl.store(gbase + idx[:, None] * n_cols + kc[None, :], out, mask=mask)
                 else:
-                    mask = (k[:, None] < n_k) & (idx[None, :] < n)
-                    tile = _load_z(base, ybase, k[:, None] * s_r + idx[None, :] * s_c, mask, HAS_Y)
+                    mask = (kc[:, None] < n_k) & (idx[None, :] < n)
+                    tile = _load_z(base, ybase, kc[:, None] * s_r + idx[None, :] * s_c, mask, HAS_Y)
                     out = tl.dot(tile, m_inv, input_precision="ieee")
-                    tl.store(gbase + k[:, None] * n_cols + idx[None, :], out, mask=mask)
+                    tl.store(gbase + kc[:, None] * n_cols + idx[None, :], out, mask=mask)
+
+
+def launch_config(npad: int) -> dict:
+    """Warps and contraction chunk per padded size. From ptxas on sm_90 (``python -m
+    flashdino.kernels.compile_check``): no register spills up to 64; 128 spills a little."""
+    return {"num_warps": {16: 4, 32: 4, 64: 8}.get(npad, 16), "BLOCK_K": 16}
 
 
 def _launch(z: torch.Tensor, y: torch.Tensor | None, alpha: float, grad_scale: float, with_grad: bool):
@@ -107,11 +113,10 @@ def _launch(z: torch.Tensor, y: torch.Tensor | None, alpha: float, grad_scale: f
     npad = max(16, next_pow2(n))
     rate = new_output((g,), torch.float32, z.device)
     grad = new_output((g, b, p) if with_grad else (1,), torch.float32, z.device)
-    num_warps = 4 if npad <= 64 else 8
+    cfg = launch_config(npad)
     _coding_rate_kernel[(g,)](z, y if y is not None else z, z.stride(0), z.stride(1), z.stride(2),
                               y.stride(0) if y is not None else 0, b, p, float(alpha), float(grad_scale), rate,
-                              grad, HAS_Y=y is not None, GRAM=gram, WITH_GRAD=with_grad, NPAD=npad, BLOCK_K=32,
-                              num_warps=num_warps)
+                              grad, HAS_Y=y is not None, GRAM=gram, WITH_GRAD=with_grad, NPAD=npad, **cfg)
     return rate, grad
 
 

@@ -31,6 +31,18 @@ if triton is not None:
         return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
     @triton.jit
+    def _ema_block(t_ptr, s_ptr, offs, n, weight, T_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+        if MASKED:
+            mask = offs < n
+            t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
+            s = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(t_ptr + offs, _lerp(t, s, weight).to(T_DTYPE), mask=mask)
+        else:
+            t = tl.load(t_ptr + offs).to(tl.float32)
+            s = tl.load(s_ptr + offs).to(tl.float32)
+            tl.store(t_ptr + offs, _lerp(t, s, weight).to(T_DTYPE))
+
+    @triton.jit
     def _ema_kernel(table_ptr, weight,
                     T_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                     ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
@@ -41,12 +53,42 @@ if triton is not None:
         if ALIGNED:
             t_ptr = tl.multiple_of(t_ptr, 16)
             s_ptr = tl.multiple_of(s_ptr, 16)
-        for start in range(0, n, BLOCK):
+        # Full blocks without a mask (the length comes from memory, so a masked access could not
+        # be vectorized), then one masked tail.
+        n_full = n // BLOCK * BLOCK
+        for start in range(0, n_full, BLOCK):
             offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            _ema_block(t_ptr, s_ptr, offs, n, weight, T_DTYPE, False)
+        if n_full < n:
+            _ema_block(t_ptr, s_ptr, n_full + tl.arange(0, BLOCK), n, weight, T_DTYPE, True)
+
+    @triton.jit
+    def _adamw_ema_block(p_ptr, g_ptr, m_ptr, v_ptr, t_ptr, c_ptr, offs, n, decay, lerp1, beta2,
+                         one_minus_beta2, neg_step_size, bc2_sqrt, eps, ema_weight,
+                         T_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr,
+                         MASKED: tl.constexpr):
+        if MASKED:
             mask = offs < n
-            t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
-            s = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
-            tl.store(t_ptr + offs, _lerp(t, s, weight).to(T_DTYPE), mask=mask)
+        else:
+            mask = None
+        p = tl.load(p_ptr + offs, mask=mask)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask)
+        v = tl.load(v_ptr + offs, mask=mask)
+        t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
+        # The same sequence of fp32 operations as torch's multi-tensor AdamW.
+        p = p * decay
+        m = _lerp(m, g, lerp1)
+        v = v * beta2 + one_minus_beta2 * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p + neg_step_size * tl.div_rn(m, denom)
+        t = _lerp(t, p, ema_weight)
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(t_ptr + offs, t.to(T_DTYPE), mask=mask)
+        if HAS_COPY:
+            tl.store(c_ptr + offs, p.to(C_DTYPE), mask=mask)
 
     @triton.jit
     def _adamw_ema_kernel(table_ptr, decay, lerp1, beta2, one_minus_beta2, neg_step_size,
@@ -69,27 +111,16 @@ if triton is not None:
             v_ptr = tl.multiple_of(v_ptr, 16)
             t_ptr = tl.multiple_of(t_ptr, 16)
             c_ptr = tl.multiple_of(c_ptr, 16)
-        for start in range(0, n, BLOCK):
+        n_full = n // BLOCK * BLOCK
+        for start in range(0, n_full, BLOCK):
             offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
-            mask = offs < n
-            p = tl.load(p_ptr + offs, mask=mask)
-            g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-            m = tl.load(m_ptr + offs, mask=mask)
-            v = tl.load(v_ptr + offs, mask=mask)
-            t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
-            # The same sequence of fp32 operations as torch's multi-tensor AdamW.
-            p = p * decay
-            m = _lerp(m, g, lerp1)
-            v = v * beta2 + one_minus_beta2 * g * g
-            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-            p = p + neg_step_size * tl.div_rn(m, denom)
-            t = _lerp(t, p, ema_weight)
-            tl.store(p_ptr + offs, p, mask=mask)
-            tl.store(m_ptr + offs, m, mask=mask)
-            tl.store(v_ptr + offs, v, mask=mask)
-            tl.store(t_ptr + offs, t.to(T_DTYPE), mask=mask)
-            if HAS_COPY:
-                tl.store(c_ptr + offs, p.to(C_DTYPE), mask=mask)
+            _adamw_ema_block(p_ptr, g_ptr, m_ptr, v_ptr, t_ptr, c_ptr, offs, n, decay, lerp1, beta2,
+                             one_minus_beta2, neg_step_size, bc2_sqrt, eps, ema_weight,
+                             T_DTYPE, C_DTYPE, HAS_COPY, False)
+        if n_full < n:
+            _adamw_ema_block(p_ptr, g_ptr, m_ptr, v_ptr, t_ptr, c_ptr, n_full + tl.arange(0, BLOCK), n, decay,
+                             lerp1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, ema_weight,
+                             T_DTYPE, C_DTYPE, HAS_COPY, True)
 
 
 def _check_contiguous(what: str, name: str, tensors) -> None:
