@@ -79,6 +79,8 @@ class DaliMultiCropLoader:
         use_plugin: Optional[bool] = None,
         hw_decoder_load: float = 0.9,
     ):
+        if params not in ("fast", "reference"):
+            raise ValueError(f"DaliMultiCropLoader: params must be 'fast' or 'reference', got {params!r}")
         if dtype not in _OUT_DTYPE_NAMES:
             raise ValueError(f"DaliMultiCropLoader: dtype must be float32, float16 or bfloat16, got {dtype}")
         if len(reader) != sampler.n:
