@@ -191,6 +191,7 @@ def _unit(shape, device, dtype=torch.float32):
 
 def bench_coding_rate(device, timer, ceilings, tiny):
     from flashdino.kernels import get_coding_rate
+    from flashdino.kernels.coding_rate import coding_rate_fused
 
     rows = []
     dim = 32 if tiny else 256
@@ -200,9 +201,11 @@ def bench_coding_rate(device, timer, ceilings, tiny):
         # Gram/covariance + its inverse applied to Z (backward) + the n³/3 factorization, per view.
         flops = 2 * (2 * 2 * batch * dim * n + n ** 3 / 3)
         case = f"B={batch}, p={dim}, 2 views, fwd+bwd"
-        for impl in ("eager", "triton"):
-            fn = get_coding_rate(impl)
-
+        # "linalg": the kernels package's cuSOLVER path (hand-written backward), timed beside the
+        # register kernel so the crossover (TRITON_MAX_N) is measured in the same run.
+        fns = {"eager": get_coding_rate("eager"), "triton": get_coding_rate("triton"),
+               "linalg": lambda z, eps, n: coding_rate_fused(z, eps, n, max_triton_n=0)}
+        for impl, fn in fns.items():
             def step():
                 torch.autograd.grad(fn(z, 0.05, 8).sum(), z)
 

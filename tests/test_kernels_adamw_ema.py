@@ -247,3 +247,23 @@ def test_optimizer_bf16_master_weights_gpu():
     for p, mp in zip(student.parameters(), masters):
         assert torch.allclose(opt.state[p]["master"], mp, rtol=1e-6, atol=1e-7)
         assert torch.equal(p.detach(), opt.state[p]["master"].bfloat16())
+
+
+def test_optimizer_works_with_grad_scaler():
+    """GradScaler.step(opt, momentum) unscales the gradients, then forwards momentum to step()."""
+    student, ref_student = _model(6), _model(6)
+    teacher, ref_teacher = copy.deepcopy(student), copy.deepcopy(student)
+    opt = FusedAdamWEMA(student.parameters(), list(teacher.parameters()), lr=1e-2, kind="triton")
+    ref_opt = torch.optim.AdamW(ref_student.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(4, 9)
+    scaler.scale(student(x).square().mean()).backward()
+    scaler.step(opt, 0.9)
+    scaler.update()
+    ref_student(x).square().mean().backward()
+    ref_opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ref_teacher.parameters()), list(ref_student.parameters()), 0.1)
+    for a, b in zip(list(student.parameters()) + list(teacher.parameters()),
+                    list(ref_student.parameters()) + list(ref_teacher.parameters())):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

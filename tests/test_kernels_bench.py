@@ -17,7 +17,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
     rows = report["results"]
     for kernel in KERNELS:
         impls = {r["impl"] for r in rows if r["kernel"] == kernel}
-        assert impls == {"eager", "triton"}, kernel
+        assert {"eager", "triton"} <= impls, kernel
     for r in rows:
         assert math.isfinite(r["time_ms"]) and r["time_ms"] > 0
         assert r["speedup_vs_eager"] > 0

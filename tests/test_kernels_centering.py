@@ -225,3 +225,18 @@ def test_dino_loss_bf16_gpu():
     ref.backward()
     assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref)) + 1e-4
     assert torch.allclose(a.grad.double(), a64.grad, rtol=2e-2, atol=1e-3 * float(a64.grad.abs().max()))
+
+
+def test_float64_inputs_use_the_eager_objectives():
+    """float64 is a reference precision: the fused ops hand it to the eager objectives unchanged."""
+    from flashdino.engine import objectives
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(3 * 2, 30, generator=gen, dtype=torch.float64)
+    u = torch.randn(2 * 2, 30, generator=gen, dtype=torch.float64)
+    c = torch.zeros(30, dtype=torch.float64)
+    got, want = dino_loss_fused(a, u, c, 3), objectives.dino_loss(a, u, c, 3)
+    assert got[0].dtype == torch.float64 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    q = torch.softmax(u, -1)
+    assert torch.equal(dino_cross_entropy_fused(a, q, 3), objectives.dino_cross_entropy(a, q, 3))
+    assert torch.equal(sinkhorn_knopp_fused(u, 0.05), objectives.sinkhorn_knopp(u, 0.05))

@@ -242,3 +242,14 @@ def test_coding_rate_gpu(dtype):
     rates = coding_rate_fused(z, eps=0.05)
     rates.sum().backward()
     _check_rates(z, 0.05, 1, rates, z.grad.float() if dtype == torch.float32 else None, f"gpu {dtype}")
+
+
+@pytest.mark.parametrize("max_n", [128, 0], ids=["triton", "linalg"])
+def test_autocast_does_not_lower_precision(max_n):
+    """Spec T1: the coding rate is fp32 whatever autocast is active around it."""
+    gen = torch.Generator().manual_seed(13)
+    z = _unit_rows(gen, 2, 16, 40).float()
+    plain = coding_rate_fused(z, eps=0.05, max_triton_n=max_n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = coding_rate_fused(z, eps=0.05, max_triton_n=max_n)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
