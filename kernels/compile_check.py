@@ -99,7 +99,8 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     text = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
-    return {"registers": int(regs.group(1)) if regs else None, "spill_store_bytes": int(spill.group(1)) if spill else None}
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else None}
 
 
 def compile_all(arch: int = 90) -> list:

@@ -345,7 +345,10 @@ def run_benchmarks(kernels=None, tiny: bool | None = None, out_dir: str | None =
     results = []
     for k in kernels:
         results += _speedups(BENCHES[k](device, timer, ceilings, tiny))
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()})"
     report = {
         "meta": {
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

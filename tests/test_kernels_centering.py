@@ -8,7 +8,6 @@ from flashdino.kernels import get_dino_centering, get_dino_cross_entropy, get_si
 from flashdino.kernels.centering import dino_cross_entropy_fused, dino_loss_fused, sinkhorn_knopp_fused
 from flashdino.kernels.testing import assert_close64, unit_roundoff
 
-U32 = unit_roundoff(torch.float32)
 TINY = 1e-37  # values below fp32's smallest normal (1.2e-38) are subnormal: absolute precision only
 TINY16 = 2.0 ** -24  # fp16's subnormal spacing: gradients below it round to 0 when stored as fp16
 

@@ -48,7 +48,8 @@ def _gather_rows(z: torch.Tensor) -> torch.Tensor:
     zero-padded slots (exact), so each rank gets N × its share of the gradient (spec T15)."""
     n, r = get_world_size(), get_rank()
     g, b, p = z.shape
-    return all_reduce_sum_differentiable(torch.cat([z.new_zeros(g, r * b, p), z, z.new_zeros(g, (n - 1 - r) * b, p)], 1))
+    slots = [z.new_zeros(g, r * b, p), z, z.new_zeros(g, (n - 1 - r) * b, p)]
+    return all_reduce_sum_differentiable(torch.cat(slots, dim=1))
 
 
 def coding_rate_fused(z: torch.Tensor, eps: float, world_size: int = 1, reduce_cov: bool = False, *,

@@ -105,7 +105,8 @@ def simdino_loss_fused(student: torch.Tensor, teacher: torch.Tensor, n_crops: in
     if expa_type not in (0, 1):
         raise ValueError(f"{fn}: 'expa_type' must be 0 or 1, got {expa_type!r}")
     if not isinstance(virtual_ranks, int) or virtual_ranks < 1 or batch % virtual_ranks:
-        raise ValueError(f"{fn}: 'virtual_ranks'={virtual_ranks!r} must be an int >= 1 that divides the batch B={batch}")
+        raise ValueError(f"{fn}: 'virtual_ranks'={virtual_ranks!r} must be an int >= 1 that divides "
+                         f"the batch B={batch}")
     validate_coding_rate_args(fn, student, eps, world_size, reduce_cov)
     check_triton_tensors(fn, [student, teacher])
     student = student.contiguous()
