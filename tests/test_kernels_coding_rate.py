@@ -220,6 +220,11 @@ def test_simdino_matches_eager_objective_and_registry():
     fused = get_simdino_loss("triton")(s, t, 4, eps=0.05, world_size=2, virtual_ranks=2)
     for a, b in zip(fused, eager):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    # reduce_cov on one process: no virtual split, the covariance of the whole local batch.
+    eager = get_simdino_loss("eager")(s, t, 4, eps=0.05, reduce_cov=True, virtual_ranks=2)
+    fused = get_simdino_loss("triton")(s, t, 4, eps=0.05, reduce_cov=True, virtual_ranks=2)
+    for a, b in zip(fused, eager):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_simdino_rejects_bad_input():

@@ -121,8 +121,9 @@ def simdino_loss_fused(student: torch.Tensor, teacher: torch.Tensor, n_crops: in
         rates = coding_rate_fused(z, eps, world_size, reduce_cov=True, debug=debug, max_triton_n=max_triton_n)
     else:
         # Virtual ranks (spec T4): k contiguous groups of B/k images per view, each its own
-        # covariance; α = p/(B·N·eps) and γ depend on N·B only, so they are unchanged.
-        k = virtual_ranks
+        # covariance; α = p/(B·N·eps) and γ depend on N·B only, so they are unchanged. With
+        # reduce_cov every group would see the same global covariance: no split (as the eager loss).
+        k = 1 if reduce_cov else virtual_ranks
         zs = s_glob.reshape(2 * k, batch // k, dim)
         zt = t_glob.reshape(2 * k, batch // k, dim) if expa_type == 1 else None
         alpha = dim / (batch * world_size * eps)
