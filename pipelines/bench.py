@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=int, default=0, help="GPU for DALI-GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="runs/data_bench", help="folder for the JSON and Markdown results")
+    parser.add_argument("--vit-step", type=int, default=0, metavar="STEPS",
+                        help="DALI-GPU only: also time STEPS ViT-B/16 student steps (fwd+bwd+AdamW, bf16) fed by the "
+                             "pipeline vs on one fixed batch; reports the pipeline's share of step time")
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,6 +161,8 @@ def run_variant(args, variant: str) -> Dict[str, Any]:
     sync = torch.cuda.synchronize if variant == "dali-gpu" else None
     stats = _run_epochs(loader, sampler, args.batches, args.warmup, sync)
     result.update(stats)
+    if variant == "dali-gpu" and args.vit_step > 0:
+        result["vit_step"] = vit_step_share(loader, sampler, args.vit_step, args.device)
     if hasattr(loader, "close"):
         loader.close()
     return result
@@ -175,6 +180,58 @@ def _run_epochs(loader, sampler, batches, warmup, sync):
                 epoch += 1
 
     return _time_loader(_Cycle(), batches, warmup, sync)
+
+
+def vit_step_share(loader, sampler, steps: int, device_index: int = 0) -> Dict[str, float]:
+    """Time ViT-B/16 student steps on one fixed batch, then fed by the loader each step.
+
+    The difference is what the pipeline costs the training step (its GPU kernels competing with the
+    model's, plus any wait for data): share = 1 - t_fixed / t_fed. The step is the SimDINO student's
+    backbone pass over all crops (the dominant cost of a real step), backward and AdamW, in bf16.
+    """
+    import torch
+
+    from flashdino.engine.config import build_config
+    from flashdino.engine.models import build_backbone
+
+    device = torch.device("cuda", device_index)
+    model = build_backbone(build_config("simdino_vitb16").model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch["global_crops"]).float().square().mean()
+            if batch["local_crops"] is not None:
+                out = out + model(batch["local_crops"]).float().square().mean()
+        out.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def batches():
+        epoch = 10_000  # epochs apart from the throughput run
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    feed = batches()
+    fixed = next(feed)
+    for _ in range(3):
+        step(fixed)
+        step(next(feed))
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(fixed)
+    torch.cuda.synchronize(device)
+    t_fixed = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(next(feed))
+    torch.cuda.synchronize(device)
+    t_fed = (time.perf_counter() - t0) / steps
+    return {"step_s_fixed_batch": t_fixed, "step_s_fed_by_pipeline": t_fed,
+            "pipeline_share": max(0.0, 1.0 - t_fixed / t_fed)}  # fmt: skip
 
 
 def environment(device_index: int = 0) -> Dict[str, Any]:
@@ -255,6 +312,10 @@ def to_markdown(report: Dict[str, Any]) -> str:
             notes.append(r["note"])
         if "error" in r:
             notes.append(f"error: {r['error']}")
+        if "vit_step" in r:
+            v = r["vit_step"]
+            notes.append(f"ViT-B/16 step {v['step_s_fixed_batch'] * 1e3:.1f} ms on a fixed batch, "
+                         f"{v['step_s_fed_by_pipeline'] * 1e3:.1f} ms fed by the pipeline: share {100 * v['pipeline_share']:.1f}%")
         ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
         lines.append(f"| {r['variant']} | {ips} | {'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
