@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 try:  # Triton is optional: the eager kinds work without it.
@@ -82,31 +83,33 @@ def pointer_table(columns: Sequence[Sequence[torch.Tensor | None]], chunk: int,
     address 0). Returns an int64 table with one row per chunk,
     ``(addr_col0, ..., addr_colC-1, numel)``, on ``device``, and whether every address is
     16-byte aligned (lets the kernel promise vectorizable accesses).
-    A table is built once and reused, so it is only valid while the tensors keep their storage.
+    A table is only valid while the tensors keep their storage (callers compare data_ptrs).
+    Built with NumPy (one Python call per tensor) and copied without a host sync on CUDA.
     """
     n_cols = len(columns)
     n_tensors = len(columns[0])
-    rows = []
+    if n_tensors == 0:
+        return torch.zeros((0, n_cols + 1), dtype=torch.int64, device=device), True
+    numel = np.array([next(col[i] for col in columns if col[i] is not None).numel() for i in range(n_tensors)],
+                     dtype=np.int64)
+    n_chunks = (numel + chunk - 1) // chunk
+    owner = np.repeat(np.arange(n_tensors), n_chunks)  # tensor index of every row
+    first = np.concatenate([[0], np.cumsum(n_chunks)[:-1]])
+    offset = (np.arange(owner.size) - first[owner]) * chunk  # element offset of the row in its tensor
+    table = np.empty((owner.size, n_cols + 1), dtype=np.int64)
     aligned = True
-    for i in range(n_tensors):
-        ref = next(col[i] for col in columns if col[i] is not None)
-        numel = ref.numel()
-        for off in range(0, numel, chunk):
-            row = []
-            for c in range(n_cols):
-                t = columns[c][i]
-                if t is None:
-                    row.append(0)
-                    continue
-                addr = t.data_ptr() + off * t.element_size()
-                aligned &= addr % 16 == 0
-                row.append(addr)
-            row.append(min(chunk, numel - off))
-            rows.append(row)
-    if not rows:
-        return torch.zeros((0, n_cols + 1), dtype=torch.int64, device=device), aligned
-    table = torch.tensor(rows, dtype=torch.int64)
-    return table.to(device), aligned
+    for c, col in enumerate(columns):
+        base = np.array([t.data_ptr() if t is not None else 0 for t in col], dtype=np.int64)
+        size = np.array([t.element_size() if t is not None else 0 for t in col], dtype=np.int64)
+        table[:, c] = base[owner] + offset * size[owner]
+        aligned &= bool((table[:, c] % 16 == 0).all())
+    table[:, n_cols] = np.minimum(chunk, numel[owner] - offset)
+    host = torch.from_numpy(table)
+    if device.type == "cuda":
+        # Pinned + non_blocking: no host sync. The caching host allocator records the copy and
+        # does not hand the pinned block out again before the copy has run.
+        return host.pin_memory().to(device, non_blocking=True), aligned
+    return host.to(device), aligned
 
 
 # Tests set this to True so every kernel output starts as NaN: an element a kernel forgets to

@@ -267,3 +267,22 @@ def test_optimizer_works_with_grad_scaler():
     for a, b in zip(list(student.parameters()) + list(teacher.parameters()),
                     list(ref_student.parameters()) + list(ref_teacher.parameters())):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_pointer_tables_are_reused_while_gradients_stay_in_place():
+    student = _model(7)
+    teacher = copy.deepcopy(student)
+    opt = FusedAdamWEMA(student.parameters(), list(teacher.parameters()), kind="triton")
+    for p in student.parameters():
+        p.grad = torch.zeros_like(p)
+    for _ in range(3):
+        for p in student.parameters():
+            p.grad.copy_(torch.randn_like(p))  # same storage, as with zero_grad(set_to_none=False)
+        opt.step(0.9)
+    assert opt.table_rebuilds == 0
+    for p in student.parameters():
+        p.grad = torch.randn_like(p)  # fresh storage: the table must follow it
+    before = [t.detach().clone() for t in teacher.parameters()]
+    opt.step(0.9)
+    assert opt.table_rebuilds == 1
+    assert all(not torch.equal(a, b) for a, b in zip(teacher.parameters(), before))

@@ -157,8 +157,10 @@ class FusedAdamWEMA(torch.optim.Optimizer):
             self._eager_ema = EagerEMAUpdater([self._teacher[p] for p in params], [self._master(p) for p in params])
         self._eager_ema.update(momentum)
 
-    def _table(self, key, columns):
-        sig = tuple(t.data_ptr() if t is not None else 0 for col in columns for t in col)
+    def _table(self, key, columns, fixed=()):
+        # Only storages that can move are compared each step (``fixed``: our own state buffers).
+        sig = tuple(t.data_ptr() if t is not None else 0 for c, col in enumerate(columns) if c not in fixed
+                    for t in col)
         hit = self._cache.get(key)
         if hit is None or hit[0] != sig:
             if hit is not None:
@@ -179,7 +181,8 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 columns = [[self._master(p) for p in ps], [p.grad for p in ps],
                            [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps],
                            [self._teacher[p] for p in ps], [p if self.master_weights else None for p in ps]]
-                table, aligned = self._table(("adam", gi) + key[:1] + key[2:] + (len(ps),), columns)
+                table, aligned = self._table(("adam", gi) + key[:1] + key[2:] + (len(ps),), columns,
+                                             fixed=(2, 3) if not self.master_weights else (0, 2, 3))
                 scalars = adamw_scalars(group["lr"], group["weight_decay"], b1, b2, group["eps"], step, momentum)
                 launch_adamw_ema(table, aligned, scalars, g_dtype, t_dtype, c_dtype)
                 for p in ps:
