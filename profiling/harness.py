@@ -283,3 +283,12 @@ def loader_batches(trainer) -> Iterator[Dict[str, Any]]:
         if produced == 0:
             raise RuntimeError("loader_batches: the data pipeline produced no batch in a whole epoch")
         epoch += 1
+
+
+# A model small enough for a CPU smoke run of any harness (tests, `--preset X $(...)` by hand).
+SMOKE_OVERRIDES = [
+    "model.arch=vit_tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
+    "model.img_size=32", "head.hidden_dim=32", "head.bottleneck_dim=16", "head.n_prototypes=64",
+    "crops.global_size=32", "crops.local_size=16", "crops.n_local=2", "data.batch_size=4",
+    "optim.epochs=2", "optim.warmup_epochs=1", "optim.iters_per_epoch=4",
+]

@@ -266,13 +266,21 @@ def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cf
         batches = harness.loader_batches(reference)
     seed = cfg_r.train.seed
     records = []
+    engine_error = None
     try:
         for step in range(steps):
             batch = next(batches)
             harness.seed_step(seed, step)
             losses_r = harness.run_step(reference, batch)
             harness.seed_step(seed, step)
-            losses_e = harness.run_step(engine, batch)
+            try:
+                losses_e = harness.run_step(engine, batch)
+            except Exception as exc:  # the engine failing is a parity result, not a harness crash
+                engine_error = f"step {step}: {type(exc).__name__}: {exc}"
+                records.append({"step": step, "losses": {}, "max_loss_rel_err": math.inf, "grad_norms": {},
+                                "max_grad_norm_rel_err": math.inf, "params": {}, "ok": False,
+                                "failures": [f"the engine step raised {type(exc).__name__}: {exc}"]})
+                break
             grads_r, grads_e = gradient_norms(reference, groups), gradient_norms(engine, groups)
             records.append(compare_step(step, losses_e, losses_r, grads_e, grads_r,
                                         compare_states(engine, reference), tol))
@@ -280,6 +288,8 @@ def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cf
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     no_grad = sum(v["no_grad_engine"] for v in records[-1]["grad_norms"].values()) if records else 0
+    if engine_error:
+        print(f"flashdino parity: the engine failed at {engine_error}", file=sys.stderr)
     report = {
         "kind": "flashdino.parity",
         "schema": 1,
@@ -298,7 +308,8 @@ def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cf
         "init_max_abs_diff": init_diff,
         "grad_tensors_without_grad_last_step": no_grad,
         "steps": records,
-        "ok": all(r["ok"] for r in records),
+        "engine_error": engine_error,
+        "ok": all(r["ok"] for r in records) and len(records) == steps,
         "first_failure_step": next((r["step"] for r in records if not r["ok"]), None),
     }
     return report
@@ -321,6 +332,9 @@ def to_markdown(report: Dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in report["steps"]:
+        if not r["params"]:  # the engine raised in this step
+            lines.append(f"| {r['step']} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | FAIL |")
+            continue
         total = r["losses"].get("total_loss", {}).get("reference")
         p = r["params"]
         lines.append(
@@ -328,7 +342,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
             f"{r['max_grad_norm_rel_err']:.3g} | {p['student']['rel_err']:.3g} | {p['teacher']['rel_err']:.3g} | "
             f"{p['buffers']['rel_err']:.3g} | {p['student']['max_tensor_rel_err']:.3g} "
             f"({p['student']['worst_tensor']}) | {'ok' if r['ok'] else 'FAIL'} |")
-    last = report["steps"][-1] if report["steps"] else None
+    last = next((r for r in reversed(report["steps"]) if r["grad_norms"]), None)
     if last:
         lines += ["", f"Gradient norms at step {last['step']}:", "", "| group | reference | engine | rel err |",
                   "|---|---:|---:|---:|"]
