@@ -149,82 +149,97 @@ inline ::dali::float16 cast_out<::dali::float16>(float v) { return ::dali::float
 template <>
 inline uint16_t cast_out<uint16_t>(float v) { return float_to_bf16_bits(v); }
 
-// The whole chain for one HWC uint8 image.
+// Separable blur of one float plane with reflect-101 borders: each row/column is copied into a
+// padded line first, so the tap loops have no index arithmetic and vectorize.
+void BlurPlane(float *plane, int H, int W, const float *taps, int k, std::vector<float> &line) {
+  const int half = k / 2;
+  line.resize(static_cast<size_t>(std::max(H, W) + 2 * half));
+  for (int y = 0; y < H; y++) {
+    float *row = plane + static_cast<int64_t>(y) * W;
+    for (int i = -half; i < W + half; i++) line[i + half] = row[reflect101(i, W)];
+    for (int x = 0; x < W; x++) {
+      float acc = 0.f;
+      for (int t = 0; t < k; t++) acc += taps[t] * line[x + t];
+      row[x] = acc;
+    }
+  }
+  // Columns: accumulate whole shifted rows (contiguous inner loop over x).
+  std::vector<float> col_out(static_cast<size_t>(H) * W, 0.f);
+  for (int y = 0; y < H; y++) {
+    float *out = col_out.data() + static_cast<int64_t>(y) * W;
+    for (int t = 0; t < k; t++) {
+      const float *src = plane + static_cast<int64_t>(reflect101(y + t - half, H)) * W;
+      const float w = taps[t];
+      for (int x = 0; x < W; x++) out[x] += w * src[x];
+    }
+  }
+  std::copy(col_out.begin(), col_out.end(), plane);
+}
+
+// The whole chain for one HWC uint8 image, op by op over planar float buffers (the per-pixel math
+// is color_ops.h's, shared with the CUDA kernel; only the loop order differs, for vectorization).
+// The contrast mean is taken from the image as it is when contrast runs, as torchvision does.
 template <typename OutT>
-void ProcessSample(const uint8_t *in, OutT *out, int H, int W, SampleParams p,
+void ProcessSample(const uint8_t *in, OutT *out, int H, int W, const SampleParams &p,
                    const ColorAugmentArgs &a, std::vector<float> &scratch) {
-  const int64_t npix = static_cast<int64_t>(H) * W;
+  const int64_t n = static_cast<int64_t>(H) * W;
+  scratch.resize(static_cast<size_t>(n) * 3);
+  float *r = scratch.data(), *g = r + n, *b = g + n;
   const float inv255 = 1.f / 255.f;
-  int cpos = contrast_position(p);
-  if (cpos >= 0) {
-    double sum = 0;
-    for (int64_t i = 0; i < npix; i++) {
-      const uint8_t *px = in + 3 * i;
-      sum += pre_contrast_gray(px[0] * inv255, px[1] * inv255, px[2] * inv255, p, cpos);
-    }
-    p.contrast_mean = static_cast<float>(sum / npix);
+  for (int64_t i = 0; i < n; i++) {
+    r[i] = in[3 * i] * inv255;
+    g[i] = in[3 * i + 1] * inv255;
+    b[i] = in[3 * i + 2] * inv255;
   }
-  auto store = [&](int64_t pix, int c, float v) {
-    float y = solarize_normalize(v, p.solarize, a.solarize_threshold, a.mean[c], a.std[c]);
-    int64_t idx = a.chw_ ? c * npix + pix : pix * 3 + c;
-    out[idx] = cast_out<OutT>(y);
-  };
-  if (p.blur_window <= 1) {
-    for (int64_t i = 0; i < npix; i++) {
-      const uint8_t *px = in + 3 * i;
-      float r = px[0] * inv255, g = px[1] * inv255, b = px[2] * inv255;
-      color_chain(r, g, b, p);
-      store(i, 0, r);
-      store(i, 1, g);
-      store(i, 2, b);
-    }
-    return;
-  }
-  // Blur sits between grayscale and solarize: chain into a float buffer, blur rows into a second
-  // buffer, then blur columns and finish each pixel.
-  scratch.resize(static_cast<size_t>(npix) * 6);
-  float *buf = scratch.data();
-  float *tmp = buf + npix * 3;
-  for (int64_t i = 0; i < npix; i++) {
-    const uint8_t *px = in + 3 * i;
-    float r = px[0] * inv255, g = px[1] * inv255, b = px[2] * inv255;
-    color_chain(r, g, b, p);
-    buf[3 * i] = r;
-    buf[3 * i + 1] = g;
-    buf[3 * i + 2] = b;
-  }
-  float taps[kMaxBlurWindow];
-  const int k = p.blur_window, half = k / 2;
-  gaussian_taps(p.blur_sigma, k, taps);
-  for (int y = 0; y < H; y++) {
-    const float *row = buf + static_cast<int64_t>(y) * W * 3;
-    float *orow = tmp + static_cast<int64_t>(y) * W * 3;
-    for (int x = 0; x < W; x++) {
-      float acc[3] = {0, 0, 0};
-      for (int t = 0; t < k; t++) {
-        const float *q = row + 3 * reflect101(x + t - half, W);
-        acc[0] += taps[t] * q[0];
-        acc[1] += taps[t] * q[1];
-        acc[2] += taps[t] * q[2];
+  for (int k = 0; k < 4; k++) {
+    const int op = p.order[k];
+    if (!op_active(p, op)) continue;
+    switch (op) {
+      case kBrightness:
+        for (float *plane : {r, g, b})
+          for (int64_t i = 0; i < n; i++) plane[i] = blend(plane[i], 0.f, p.brightness);
+        break;
+      case kContrast: {
+        double sum = 0;
+        for (int64_t i = 0; i < n; i++) sum += gray_of(r[i], g[i], b[i]);
+        const float mean = static_cast<float>(sum / n);
+        for (float *plane : {r, g, b})
+          for (int64_t i = 0; i < n; i++) plane[i] = blend(plane[i], mean, p.contrast);
+        break;
       }
-      orow[3 * x] = acc[0];
-      orow[3 * x + 1] = acc[1];
-      orow[3 * x + 2] = acc[2];
+      case kSaturation:
+        for (int64_t i = 0; i < n; i++) {
+          const float l = gray_of(r[i], g[i], b[i]);
+          r[i] = blend(r[i], l, p.saturation);
+          g[i] = blend(g[i], l, p.saturation);
+          b[i] = blend(b[i], l, p.saturation);
+        }
+        break;
+      default:
+        for (int64_t i = 0; i < n; i++) adjust_hue(r[i], g[i], b[i], p.hue);
+        break;
     }
   }
-  for (int y = 0; y < H; y++) {
-    for (int x = 0; x < W; x++) {
-      float acc[3] = {0, 0, 0};
-      for (int t = 0; t < k; t++) {
-        const float *q = tmp + (static_cast<int64_t>(reflect101(y + t - half, H)) * W + x) * 3;
-        acc[0] += taps[t] * q[0];
-        acc[1] += taps[t] * q[1];
-        acc[2] += taps[t] * q[2];
-      }
-      int64_t pix = static_cast<int64_t>(y) * W + x;
-      store(pix, 0, acc[0]);
-      store(pix, 1, acc[1]);
-      store(pix, 2, acc[2]);
+  if (p.grayscale) {
+    for (int64_t i = 0; i < n; i++) r[i] = g[i] = b[i] = gray_of(r[i], g[i], b[i]);
+  }
+  if (p.blur_window > 1) {
+    float taps[kMaxBlurWindow];
+    gaussian_taps(p.blur_sigma, p.blur_window, taps);
+    thread_local std::vector<float> line;
+    for (float *plane : {r, g, b}) BlurPlane(plane, H, W, taps, p.blur_window, line);
+  }
+  const float *planes[3] = {r, g, b};
+  for (int c = 0; c < 3; c++) {
+    const float *src = planes[c];
+    const float mean = a.mean[c], std = a.std[c];
+    if (a.chw_) {
+      OutT *dst = out + c * n;
+      for (int64_t i = 0; i < n; i++)
+        dst[i] = cast_out<OutT>(solarize_normalize(src[i], p.solarize, a.solarize_threshold, mean, std));
+    } else {
+      for (int64_t i = 0; i < n; i++)
+        out[3 * i + c] = cast_out<OutT>(solarize_normalize(src[i], p.solarize, a.solarize_threshold, mean, std));
     }
   }
 }

@@ -1,8 +1,9 @@
 // CUDA kernel of FlashdinoColorAugment. Same per-pixel math as the CPU kernel (color_ops.h).
 //
 // Per batch, on the operator's stream, with no host synchronization:
-//   1. contrast mean  (only samples whose jitter includes contrast): per-sample reduction of the
-//                     gray level the image has when contrast runs (atomicAdd of block sums)
+//   1. contrast mean  (only samples whose jitter includes contrast): per-block partial sums of the
+//                     gray level the image has when contrast runs; the chain kernel adds a sample's
+//                     partials in a fixed order (no float atomics: the result is bitwise reproducible)
 //   2. chain          jitter in the sample's order + grayscale; samples without blur are finished
 //                     here (solarize, normalize, cast, CHW store), blurred ones go to a float buffer
 //   3. blur rows      blurred samples only
@@ -79,7 +80,7 @@ __device__ __forceinline__ float block_sum(float v) {
   return v;  // valid in thread 0
 }
 
-__global__ void ContrastMeanKernel(const GpuSample *samples, float *sums) {
+__global__ void ContrastMeanKernel(const GpuSample *samples, float *partials) {
   const GpuSample s = samples[blockIdx.y];
   if (s.cpos < 0) return;  // uniform across the block
   const int64_t npix = static_cast<int64_t>(s.H) * s.W;
@@ -91,14 +92,24 @@ __global__ void ContrastMeanKernel(const GpuSample *samples, float *sums) {
     acc += pre_contrast_gray(px[0] * k, px[1] * k, px[2] * k, s.p, s.cpos);
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(&sums[blockIdx.y], acc);
+  if (threadIdx.x == 0) partials[blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
 template <typename OutT>
-__global__ void ChainKernel(const GpuSample *samples, const float *sums, Finish f) {
+__global__ void ChainKernel(const GpuSample *samples, const float *partials, Finish f) {
   GpuSample s = samples[blockIdx.y];
   const int64_t npix = static_cast<int64_t>(s.H) * s.W;
-  if (s.cpos >= 0) s.p.contrast_mean = sums[blockIdx.y] / static_cast<float>(npix);
+  if (s.cpos >= 0) {  // uniform across the block
+    __shared__ float mean;
+    if (threadIdx.x == 0) {
+      const float *part = partials + blockIdx.y * gridDim.x;
+      float total = 0.f;
+      for (int b = 0; b < gridDim.x; b++) total += part[b];  // fixed order: deterministic
+      mean = total / static_cast<float>(npix);
+    }
+    __syncthreads();
+    s.p.contrast_mean = mean;
+  }
   const float k = 1.f / 255.f;
   const bool blur = s.p.blur_window > 1;
   OutT *out = static_cast<OutT *>(s.out);
@@ -162,13 +173,17 @@ __global__ void BlurColsKernel(const GpuSample *samples, Finish f) {
   }
 }
 
+int BlocksPerSample(int64_t max_pix) {
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>((max_pix + kBlock - 1) / kBlock, kMaxBlocksPerSample)));
+}
+
 template <typename OutT>
-void Launch(const GpuSample *samples, float *sums, const Finish &f, int n, int64_t max_pix,
+void Launch(const GpuSample *samples, float *partials, const Finish &f, int n, int64_t max_pix,
             bool any_contrast, bool any_blur, cudaStream_t stream) {
-  int bx = static_cast<int>(std::min<int64_t>((max_pix + kBlock - 1) / kBlock, kMaxBlocksPerSample));
-  dim3 grid(std::max(bx, 1), n);
-  if (any_contrast) ContrastMeanKernel<<<grid, kBlock, 0, stream>>>(samples, sums);
-  ChainKernel<OutT><<<grid, kBlock, 0, stream>>>(samples, sums, f);
+  dim3 grid(BlocksPerSample(max_pix), n);
+  if (any_contrast) ContrastMeanKernel<<<grid, kBlock, 0, stream>>>(samples, partials);
+  ChainKernel<OutT><<<grid, kBlock, 0, stream>>>(samples, partials, f);
   if (any_blur) {
     BlurRowsKernel<<<grid, kBlock, 0, stream>>>(samples);
     BlurColsKernel<OutT><<<grid, kBlock, 0, stream>>>(samples, f);
@@ -229,8 +244,8 @@ void ColorAugment<::dali::GPUBackend>::RunImpl(::dali::Workspace &ws) {
       s.taps = nullptr;
     }
   }
-  float *sums = scratch.AllocateGPU<float>(n);
-  CUDA_CALL(cudaMemsetAsync(sums, 0, n * sizeof(float), stream));
+  // Every block of a contrast sample writes its partial sum, so no zeroing is needed.
+  float *partials = scratch.AllocateGPU<float>(static_cast<size_t>(n) * BlocksPerSample(max_pix));
   GpuSample *samples_dev = scratch.ToGPU(stream, host);
 
   Finish f;
@@ -242,13 +257,13 @@ void ColorAugment<::dali::GPUBackend>::RunImpl(::dali::Workspace &ws) {
   f.chw = args_.chw_ ? 1 : 0;
   switch (args_.kind) {
     case OutputKind::kFloat16:
-      Launch<::dali::float16>(samples_dev, sums, f, n, max_pix, any_contrast, any_blur, stream);
+      Launch<::dali::float16>(samples_dev, partials, f, n, max_pix, any_contrast, any_blur, stream);
       break;
     case OutputKind::kBFloat16:
-      Launch<uint16_t>(samples_dev, sums, f, n, max_pix, any_contrast, any_blur, stream);
+      Launch<uint16_t>(samples_dev, partials, f, n, max_pix, any_contrast, any_blur, stream);
       break;
     default:
-      Launch<float>(samples_dev, sums, f, n, max_pix, any_contrast, any_blur, stream);
+      Launch<float>(samples_dev, partials, f, n, max_pix, any_contrast, any_blur, stream);
       break;
   }
 }
