@@ -369,7 +369,7 @@ def main(args) -> int:
             print(f"flashdino bench: {exc}", file=sys.stderr)
             return 2
     cfg = config_from_args(args)
-    command = env.command_line(["flashdino"] + sys.argv[1:]) if os.path.basename(sys.argv[0]) == "flashdino" else None
+    command = env.cli_command("bench", args)
     report = run_bench(cfg, data=args.data, steps=args.steps, warmup=args.warmup, phase_steps=args.phase_steps,
                        pool=args.pool, sides=[s.strip() for s in args.sides.split(",") if s.strip()],
                        ceilings=not args.no_ceilings, command=command, config_file=args.config)

@@ -27,6 +27,7 @@ def library_versions() -> Dict[str, Optional[str]]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
+    out["torch"] = torch.__version__  # carries the build tag (+cu130), the package metadata does not
     out["cuda_runtime"] = torch.version.cuda
     out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
     return out
@@ -87,6 +88,28 @@ def command_line(prog_args: Optional[List[str]] = None) -> str:
     """The exact command that was run (``prog_args`` when given, else this process's argv)."""
     args = prog_args if prog_args is not None else [sys.executable] + sys.argv
     return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def cli_command(subcommand: str, args) -> str:
+    """The `flashdino <subcommand> ...` command of a parsed CLI call.
+
+    When this process was started as ``flashdino`` (or ``python -m flashdino.engine.cli``) that is
+    its argv; when the CLI was called from Python (tests, notebooks) an equivalent command is
+    rebuilt from the parsed arguments, defaults included.
+    """
+    argv = sys.argv
+    if argv and os.path.basename(argv[0]) in ("flashdino", "cli.py") and subcommand in argv[1:]:
+        return command_line(["flashdino"] + argv[1:])
+    parts = ["flashdino"] + subcommand.split()
+    for key, value in sorted(vars(args).items()):
+        if key.startswith("_") or key == "command" or key.endswith("_command") or key == "overrides":
+            continue
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    parts += list(getattr(args, "overrides", None) or [])
+    return command_line(parts)
 
 
 def run_metadata(device: torch.device, command: Optional[str] = None) -> Dict[str, object]:

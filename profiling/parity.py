@@ -397,7 +397,7 @@ def main(args) -> int:
         if value is not None:
             overrides[key] = value
     cfg = config_from_args(args)
-    command = env.command_line(["flashdino"] + sys.argv[1:]) if os.path.basename(sys.argv[0]) == "flashdino" else None
+    command = env.cli_command("parity", args)
     report = run_parity(cfg, steps=args.steps, data=args.data, tolerances=overrides, pool=args.pool,
                         command=command, config_file=args.config)
     out_dir = args.out or os.path.join(DEFAULT_RESULTS, "parity", _slug(report["meta"]["device"]["name"]),

@@ -186,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     cfg = config_from_args(args)
-    command = env.command_line(["flashdino"] + sys.argv[1:]) if os.path.basename(sys.argv[0]) == "flashdino" else None
+    command = env.cli_command("profile", args)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out_dir = args.out or os.path.join(DEFAULT_RESULTS, "profile", _slug(device_name),
                                        harness.config_label(cfg, args.config) + ("-reference" if args.reference else ""))
