@@ -209,3 +209,13 @@ def test_synthetic_batches_have_the_loader_layout():
     assert torch.equal(again["global_crops"], b["global_crops"]) and torch.equal(again["masks"], masks)
     assert not torch.equal(synthetic_batch(cfg, torch.device("cpu"), index=4, seed=1)["global_crops"], b["global_crops"])
     assert cfg.data.dataset == "synthetic" and cfg.data.synthetic_size >= 4 * 4 and not cfg.train.resume
+
+
+def test_latest_table_renders_a_real_bench_result(bench_run):
+    from flashdino.profiling.report import latest_table
+
+    out, report = bench_run
+    table = latest_table(str(out), include_cpu=True)
+    row = next(line for line in table.splitlines() if report["config"]["label"] in line)
+    assert f"{report['sides']['engine']['images_per_s']:.1f}" in row and f"{report['speedup']:.2f}x" in row
+    assert "No bench results (GPU)" in latest_table(str(out))  # CPU runs are not listed by default

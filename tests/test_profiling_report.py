@@ -1,0 +1,66 @@
+"""The latest-results table: newest result per (device, config), GPU only by default, parity status,
+README block rewritten between its markers."""
+import json
+
+import pytest
+
+from flashdino.profiling.report import BEGIN, END, latest_table, main, update_readme
+
+
+def _bench(path, device, label, date, engine_ips, ref_ips, device_type="cuda", mem=20480.0):
+    report = {
+        "kind": "flashdino.bench",
+        "meta": {"device": {"name": device, "type": device_type}, "date": date, "git": {"commit": "0123456789ab", "dirty": False}},
+        "config": {"label": label},
+        "workload": {"method": "simdino", "arch": "vit_base", "batch_size": 128, "precision": "bf16", "data": "synthetic"},
+        "peak": {"mfu_basis": "datasheet dense peak"},
+        "sides": {"engine": {"images_per_s": engine_ips, "mfu": 0.5, "peak_mem_mib": {"allocated": mem}},
+                  "reference": {"images_per_s": ref_ips, "mfu": 0.25, "peak_mem_mib": {"allocated": 2 * mem}}},
+        "speedup": engine_ips / ref_ips,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))
+
+
+def _parity(path, device, label, ok):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "flashdino.parity", "meta": {"device": {"name": device, "type": "cuda"},
+                                                                     "date": "2026-01-01T00:00:00+00:00"},
+                                "config": {"label": label}, "ok": ok, "first_failure_step": None if ok else 3}))
+
+
+def test_latest_table(tmp_path):
+    _bench(tmp_path / "a" / "bench.json", "NVIDIA H100", "simdino_vitb16-bf16-1", "2026-01-01T00:00:00+00:00", 1000.0, 500.0)
+    _bench(tmp_path / "b" / "bench.json", "NVIDIA H100", "simdino_vitb16-bf16-1", "2026-02-01T00:00:00+00:00", 1234.5, 617.25)
+    _bench(tmp_path / "c" / "bench.json", "NVIDIA H100", "dino_vits16-bf16-2", "2026-01-15T00:00:00+00:00", 3000.0, 1000.0)
+    _bench(tmp_path / "d" / "bench.json", "CPU (x86_64)", "demo-fp32-3", "2026-03-01T00:00:00+00:00", 2.0, 1.0, "cpu")
+    _parity(tmp_path / "p" / "parity.json", "NVIDIA H100", "dino_vits16-bf16-2", ok=False)
+    (tmp_path / "junk.json").write_text("{not json")
+    table = latest_table(str(tmp_path))
+    rows = [line for line in table.splitlines() if line.startswith("| NVIDIA")]
+    assert len(rows) == 2  # newest per (device, label); the CPU run is left out
+    dino, simdino = rows  # sorted by label
+    assert "| 1234.5 | 617.2 | 2.00x | 50.0% | 25.0% | 20.00 | 40.00 | - |" in simdino
+    assert "1000.0 | 500.0" not in table
+    assert "3.00x" in dino and "FAIL (step 3)" in dino
+    assert "demo-fp32-3" in latest_table(str(tmp_path), include_cpu=True)
+
+
+def test_no_results_says_how_to_make_them(tmp_path):
+    assert "No bench results" in latest_table(str(tmp_path))
+
+
+def test_update_readme_between_markers(tmp_path):
+    _bench(tmp_path / "r" / "bench.json", "NVIDIA H100", "x-bf16-1", "2026-01-01T00:00:00+00:00", 10.0, 5.0)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nintro\n{BEGIN}\nold table\n{END}\n\nmore text\n")
+    assert main(["--results", str(tmp_path / "r"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and "| NVIDIA H100 | x-bf16-1 |" in text
+    assert text.startswith("# title\n\nintro\n") and text.endswith(f"{END}\n\nmore text\n")
+    assert update_readme(str(readme), latest_table(str(tmp_path / "r"))) is False  # idempotent
+    bare = tmp_path / "BARE.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no results block"):
+        update_readme(str(bare), "table")
+    assert main(["--results", str(tmp_path), "--readme", str(bare)]) == 2
