@@ -97,8 +97,8 @@ class SSLMetaArch(nn.Module):
             s_logits = self.student["head"](s_cls)
         with phase("loss"):
             if o.centering == "sinkhorn_knopp":
-                probs = O.sinkhorn_knopp(t_logits.float(), teacher_temp)
-                loss = O.dino_cross_entropy(s_logits.float(), probs, self.n_crops, o.student_temp)
+                probs = self.loss_impl.sinkhorn(t_logits.float(), teacher_temp)
+                loss = self.loss_impl.dino_cross_entropy(s_logits.float(), probs, self.n_crops, o.student_temp)
             else:
                 loss, new_center = self.loss_impl.dino(s_logits, t_logits, self.center, self.n_crops, o, teacher_temp)
                 self.center.copy_(new_center)
@@ -127,7 +127,7 @@ class SSLMetaArch(nn.Module):
                 s_cls.float(), t_cls.float(), s_patch.float(), t_patch.float(), weights, self.n_crops,
                 eps=o.eps, coeff=o.coeff, expa_type=o.expa_type, world_size=get_world_size(),
                 dino_weight=o.dino_weight, ibot_weight=o.ibot_weight, reduce_cov=o.reduce_cov,
-                virtual_ranks=o.virtual_ranks,
+                virtual_ranks=o.virtual_ranks, coding_rate_fn=self.loss_impl.coding_rate,
             )
 
     def _dinov2(self, batch, teacher_temp):
@@ -139,8 +139,8 @@ class SSLMetaArch(nn.Module):
             t_out = self.teacher["head"](torch.cat([tf["cls"], tf["patch"].flatten(0, 1)[idx]])).float()
             t_cls, t_patch = t_out[:n_global], t_out[n_global:]
             if o.centering == "sinkhorn_knopp":
-                q_cls = O.sinkhorn_knopp(t_cls, teacher_temp)
-                q_patch = O.sinkhorn_knopp(t_patch, teacher_temp)
+                q_cls = self.loss_impl.sinkhorn(t_cls, teacher_temp)
+                q_patch = self.loss_impl.sinkhorn(t_patch, teacher_temp)
             else:
                 q_cls = O.softmax_center_teacher(t_cls, self.center, teacher_temp)
                 q_patch = O.softmax_center_teacher(t_patch, self.patch_center, teacher_temp)
@@ -157,7 +157,7 @@ class SSLMetaArch(nn.Module):
 
     def _dinov2_loss_terms(self, s_cls, s_patch, q_cls, q_patch, student_global_cls, weights, n_global):
         o = self.cfg.objective
-        dino = O.dino_cross_entropy(s_cls, q_cls, self.n_crops, o.student_temp)
+        dino = self.loss_impl.dino_cross_entropy(s_cls, q_cls, self.n_crops, o.student_temp)
         ibot = O.ibot_patch_loss(s_patch, q_patch, weights, n_global, o.student_temp)
         total = o.dino_weight * dino + o.ibot_weight * ibot
         out = {"dino_local_crops_loss": dino.detach(), "ibot_loss": ibot.detach()}
@@ -191,28 +191,25 @@ class SSLMetaArch(nn.Module):
 
 
 class _LossImpl:
-    """Chooses the eager objective or its fused Triton kernel per runtime.kernels (issue 5)."""
+    """The loss functions of a run: the eager objectives or their Triton kernels (runtime.kernels)."""
 
     def __init__(self, cfg):
-        self.coding_rate_kind = cfg.runtime.kernels.coding_rate
-        self.centering_kind = cfg.runtime.kernels.centering
+        from flashdino import kernels
+
+        k = cfg.runtime.kernels
+        self.simdino_loss = kernels.get_simdino_loss(k.coding_rate)
+        self.coding_rate = kernels.get_coding_rate(k.coding_rate)
+        self.dino_loss = kernels.get_dino_centering(k.centering)
+        self.dino_cross_entropy = kernels.get_dino_cross_entropy(k.centering)
+        self.sinkhorn = kernels.get_sinkhorn(k.centering)
 
     def simdino(self, s, t, n_crops, o):
-        kwargs = dict(eps=o.eps, coeff=o.coeff, expa_type=o.expa_type, world_size=get_world_size(),
-                      reduce_cov=o.reduce_cov, virtual_ranks=o.virtual_ranks)
-        if self.coding_rate_kind == "triton":
-            from flashdino.kernels import get_simdino_loss
-
-            return get_simdino_loss("triton")(s.float(), t.float(), n_crops, **kwargs)
-        return O.simdino_loss(s.float(), t.float(), n_crops, **kwargs)
+        return self.simdino_loss(s.float(), t.float(), n_crops, eps=o.eps, coeff=o.coeff, expa_type=o.expa_type,
+                                 world_size=get_world_size(), reduce_cov=o.reduce_cov, virtual_ranks=o.virtual_ranks)
 
     def dino(self, s_logits, t_logits, center, n_crops, o, teacher_temp):
-        kwargs = dict(student_temp=o.student_temp, teacher_temp=teacher_temp, center_momentum=o.center_momentum)
-        if self.centering_kind == "triton":
-            from flashdino.kernels import get_dino_centering
-
-            return get_dino_centering("triton")(s_logits, t_logits, center, n_crops, **kwargs)
-        return O.dino_loss(s_logits.float(), t_logits.float(), center, n_crops, **kwargs)
+        return self.dino_loss(s_logits.float(), t_logits.float(), center, n_crops, student_temp=o.student_temp,
+                              teacher_temp=teacher_temp, center_momentum=o.center_momentum)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

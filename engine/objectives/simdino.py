@@ -20,12 +20,16 @@ def simdino_terms(
     debug: bool | None = None,
     fn: str = "simdino_loss",
     names=("student", "teacher"),
+    coding_rate_fn=None,
 ):
     """The pieces of the SimDINO loss: (comp, expa, pair_cos).
 
     pair_cos is the (2, V) matrix C[g, v] of batch-mean cosines between teacher global view g
     and student view v (same-view entries included; they are masked out of comp).
+    coding_rate_fn: an implementation with `coding_rate`'s signature (e.g. the Triton kernel from
+    ``flashdino.kernels.get_coding_rate("triton")``); default: the eager `coding_rate`.
     """
+    rate_fn = coding_rate if coding_rate_fn is None else coding_rate_fn
     n_views, batch, dim = split_crop_major(fn, student, teacher, n_crops, names)
     if expa_type not in (0, 1):
         raise ValueError(f"{fn}: 'expa_type' must be 0 or 1, got {expa_type!r}")
@@ -53,14 +57,14 @@ def simdino_terms(
         if virtual_ranks == 1 or reduce_cov:
             # With reduce_cov every (virtual) rank sees the same global covariance and alpha/gamma only
             # depend on N*B, so splitting into virtual ranks would change nothing.
-            rates = coding_rate(z, eps, world_size, reduce_cov, debug=debug)
+            rates = rate_fn(z, eps, world_size, reduce_cov, debug=debug)
         else:
             # T4: emulate world_size*k ranks of B/k images. Contiguous chunks of B/k images form a
             # group; alpha and gamma are unchanged (they depend on N*B only) but each group gets
             # its own covariance. Mean over the 2k (view, group) rates = mean over groups of
             # (R_0 + R_1)/2.
             k = virtual_ranks
-            rates = coding_rate(z.reshape(2 * k, batch // k, dim), eps, world_size * k, debug=debug)
+            rates = rate_fn(z.reshape(2 * k, batch // k, dim), eps, world_size * k, debug=debug)
         expa = gamma * rates.mean()
     return comp, expa, pair_cos
 

@@ -63,6 +63,7 @@ def simdinov2_loss(
     virtual_ranks: int = 1,
     *,
     debug: bool | None = None,
+    coding_rate_fn=None,
 ) -> dict:
     """SimDINOv2 objective (spec 3.6): total = dino_weight * L_cls + ibot_weight * L_patch.
 
@@ -72,10 +73,11 @@ def simdinov2_loss(
     (C[0,1] + C[1,0]) / 2, detached), dino_mcr_expa_loss, ibot_comp_loss.
     Virtual ranks need no care in the patch term: the mean over groups of their 1/(2B/k)-scaled
     sums equals the 1/(2B)-scaled sum over the whole batch.
+    coding_rate_fn: optional coding-rate implementation (see ``simdino_terms``).
     """
     comp, expa, pair_cos = simdino_terms(
         student_cls, teacher_cls, n_crops, eps, expa_type, world_size, reduce_cov, virtual_ranks,
-        debug=debug, fn="simdinov2_loss", names=("student_cls", "teacher_cls"),
+        debug=debug, fn="simdinov2_loss", names=("student_cls", "teacher_cls"), coding_rate_fn=coding_rate_fn,
     )
     dino_loss = -coeff * comp - expa
     ibot = cosine_patch_loss(student_patch, teacher_patch, patch_weights, teacher_cls.shape[0])

@@ -230,5 +230,6 @@ def dino_ce_triton(student, teacher, center, n_views, student_temp, teacher_temp
     teacher = teacher.detach()
     teacher = teacher if teacher.stride(1) == 1 else teacher.contiguous()
     if center is not None:
-        center = center.detach().reshape(-1).contiguous()
+        # A copy (K floats): the caller updates its center buffer in place before the backward runs.
+        center = center.detach().reshape(-1).clone()
     return _DinoCrossEntropy.apply(student, teacher, center, n_views, student_temp, teacher_temp, mode)
