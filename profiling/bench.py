@@ -21,6 +21,7 @@ bench.json, bench.md and bench.png to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -104,6 +105,8 @@ def measure(trainer, cfg, *, data: str, steps: int, warmup: int, phase_steps: in
         other_ms = step_ms - sum(p["ms_per_step"] for p in phases.values())
 
     total_s = sum(times) / 1e3
+    compile_report = getattr(trainer, "compile_report", None)  # set by the trainer after its warm-up step
+    attention = getattr(trainer, "attention_report", None)
     final = {k: float(v.detach()) for k, v in (losses or {}).items() if torch.is_tensor(v) and v.ndim == 0 and k.endswith("loss")}
     out = {
         "images_per_s": images * steps / total_s,
@@ -116,6 +119,8 @@ def measure(trainer, cfg, *, data: str, steps: int, warmup: int, phase_steps: in
         "phase_other_ms": other_ms,
         "final_losses": final,
         "losses_finite": all(math.isfinite(v) for v in final.values()),
+        "compile": dataclasses.asdict(compile_report) if dataclasses.is_dataclass(compile_report) else None,
+        "attention": attention.describe() if hasattr(attention, "describe") else None,
     }
     if device.type == "cuda":
         out["peak_mem_mib"] = {"allocated": _mib(torch.cuda.max_memory_allocated(device)),
@@ -266,6 +271,13 @@ def to_markdown(report: Dict[str, Any]) -> str:
             f"{s['warmup_s']:.3g} ({_fmt(s['first_step_s'], '.3g')}) |")
     if report.get("speedup"):
         lines += ["", f"Speedup (engine / reference images/s): **{report['speedup']:.3f}x**"]
+    for name, s in report["sides"].items():
+        c = s.get("compile")
+        if c:
+            lines.append(f"- {name} torch.compile: {c['graphs']} graph(s), {c['graph_breaks']} graph break(s), "
+                         f"{c['compile_seconds']:.1f} s compiling (in the warm-up)")
+        if s.get("attention"):
+            lines.append(f"- {name} attention: {s['attention']}")
     phase_names: List[str] = []
     for s in report["sides"].values():
         phase_names += [p for p in s["phases"] if p not in phase_names]
@@ -351,6 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.05, help="regression threshold (relative drop)")
     parser.add_argument("--allow-mismatch", action="store_true", help="compare with a baseline of another device/config")
     parser.add_argument("--save-baseline", metavar="PATH", help="also store this result as a baseline JSON at PATH")
+    parser.add_argument("--kernels", metavar="LIST", help="run the kernel microbenchmarks instead (comma-separated "
+                        "subset of ema,adamw_ema,coding_rate,simdino,centering,sinkhorn, or 'all'); see "
+                        "flashdino.profiling.kernel_bench")
 
 
 def main(args) -> int:
@@ -361,6 +376,8 @@ def main(args) -> int:
             print("flashdino bench: --compare needs --baseline", file=sys.stderr)
             return 2
         return check_files(args.compare, args.baseline, args.threshold, args.allow_mismatch)
+    if args.kernels:
+        return _kernel_bench(args)
     baseline = None
     if args.baseline:  # read it first: a missing baseline should not cost a whole run
         try:
@@ -395,3 +412,19 @@ def main(args) -> int:
         print(f"flashdino bench: non-finite loss on the {', '.join(bad)} side(s)", file=sys.stderr)
         status = status or 1
     return status
+
+
+def _kernel_bench(args) -> int:
+    """Each fused kernel against its eager reference over its sizes, as a fraction of same-run ceilings."""
+    from . import kernel_bench
+
+    kernels = None if args.kernels == "all" else [k.strip() for k in args.kernels.split(",") if k.strip()]
+    out_dir = args.out or os.path.join(DEFAULT_RESULTS, "kernel_bench")
+    try:
+        report = kernel_bench.run_benchmarks(kernels, out_dir=out_dir, command=env.cli_command("bench", args))
+    except ValueError as exc:
+        print(f"flashdino bench: {exc}", file=sys.stderr)
+        return 2
+    print(kernel_bench.to_markdown(report))
+    print(f"wrote {out_dir}", file=sys.stderr)
+    return 0

@@ -106,13 +106,20 @@ def _group_label(i: int, group: Dict[str, Any]) -> str:
 
 
 def gradient_groups(reference) -> Dict[str, List[str]]:
-    """{label: parameter names}: every optimizer group of the reference, then backbone, head, student."""
+    """{label: parameter names}: the optimizer groups of the config, then backbone, head, student.
+
+    The groups are rebuilt from the config and the model (``build_param_groups``), so this does not
+    depend on where a runtime keeps its optimizer (torch AdamW, the fused Triton one, DeepSpeed).
+    """
+    from flashdino.engine.optim import build_param_groups
+
+    model = harness.unwrap_model(reference)
     named = _named_student_params(reference)
     ids = {id(p): n for n, p in named.items()}
     groups = {}
-    for i, group in enumerate(reference.param_groups):
-        names = group.get("names") or [ids[id(p)] for p in group["params"]]
-        groups[_group_label(i, group)] = list(names)
+    for i, group in enumerate(build_param_groups(reference.cfg, model.student["backbone"], model.student["head"])):
+        names = [ids[id(p)] for p in group["params"]]
+        groups[_group_label(i, group)] = names
     groups["backbone"] = [n for n in named if n.startswith("backbone.")]
     groups["head"] = [n for n in named if n.startswith("head.")]
     groups["student"] = list(named)

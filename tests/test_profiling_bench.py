@@ -219,3 +219,11 @@ def test_latest_table_renders_a_real_bench_result(bench_run):
     row = next(line for line in table.splitlines() if report["config"]["label"] in line)
     assert f"{report['sides']['engine']['images_per_s']:.1f}" in row and f"{report['speedup']:.2f}x" in row
     assert "No bench results (GPU)" in latest_table(str(out))  # CPU runs are not listed by default
+
+
+def test_bench_kernels_mode_runs_the_kernel_microbenchmarks(tmp_path):
+    assert cli_main(["bench", "--kernels", "sinkhorn", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert {r["impl"] for r in report["results"]} == {"eager", "triton"}
+    assert "--kernels sinkhorn" in report["meta"]["command"]
+    assert cli_main(["bench", "--kernels", "gemm", "--out", str(tmp_path)]) == 2
