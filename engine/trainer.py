@@ -7,7 +7,7 @@ equal 6 steps straight, bit for bit.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import random
 import sys
@@ -20,12 +20,14 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml, to_dict
-from .distributed import barrier, get_rank, get_world_size, init_from_env, is_main_process
-from .ema import build_ema
+from .distributed import barrier, get_rank, get_world_size, init_from_env, is_distributed, is_main_process
 from .finite_guard import FiniteGuard
-from .meta_arch import SSLMetaArch, unwrap
+from .meta_arch import SSLMetaArch
 from .metrics import MetricsLogger
-from .optim import apply_schedule, build_optimizer, build_param_groups, clip_per_module, clip_per_parameter, drop_last_layer_grads
+from .optim import apply_schedule
+from .runtime import build_runtime
+from .runtime.attention_check import check_model_attention
+from .runtime.compile import CompileMonitor, apply_compile
 from .schedules import build_schedules
 from flashdino.profiling.ranges import phase
 
@@ -40,6 +42,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# torch.compile backend; "aot_eager" traces and checks graphs without inductor's code generation
+# (tests, debugging a graph break). Not a config key: it changes how, not what, the step computes.
+COMPILE_BACKEND_ENV = "FLASHDINO_COMPILE_BACKEND"
 
 
 @dataclass
@@ -64,13 +69,16 @@ class Trainer:
 
         self.model = SSLMetaArch(cfg).to(self.device)
         self.model.train()
-        student = self.model.student
-        self.param_groups = build_param_groups(cfg, student["backbone"], student["head"])
-        self.optimizer = build_optimizer(cfg, self.param_groups)
-        self.ema = build_ema(cfg.runtime.kernels.ema, self.model.teacher, self.model.student)
-        self.amp_dtype = _AUTOCAST_DTYPES.get(cfg.train.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.ddp_model = self._wrap_distributed(self.model)
+        self.attention_report = self._check_attention()
+        # The runtime (plain, DDP or DeepSpeed ZeRO) owns the optimizer, the EMA and gradient handling.
+        self.runtime = build_runtime(cfg, self.model, self.device, self.world_size)
+        self.optimizer = self.runtime.optimizer
+        self.forward = apply_compile(self.model, self.runtime.module, cfg.runtime.compile, self.device,
+                                     backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"),
+                                     cuda_graphs=cfg.runtime.cuda_graphs)
+        self.compile_monitor = CompileMonitor() if cfg.runtime.compile != "none" else None
+        self.compile_report = None  # CompileStats of the warm-up step, once it ran
+        self.recompiles_after_warmup = 0
 
         self.loader = self.sampler = self.dataset = None
         self.state = TrainState()
@@ -108,14 +116,19 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _wrap_distributed(self, model):
-        if self.world_size == 1 or self.cfg.runtime.distributed in ("none",):
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def _check_attention(self):
+        """Verify that the configured attention kernel really runs (no silent fallback); log it."""
+        cfg = self.cfg
+        tokens = 1 + cfg.model.num_register_tokens + (cfg.crops.global_size // cfg.model.patch_size) ** 2
+        report = check_model_attention(self.model.student["backbone"], tokens, self.device,
+                                       autocast_dtype=_AUTOCAST_DTYPES.get(cfg.train.precision))
+        if is_main_process():
+            print(f"[flashdino] {report.describe()}", file=sys.stderr)
+        return report
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # Centers are all-reduced inside the loss, so every rank holds the same buffers already.
-        return DDP(model, device_ids=ids, broadcast_buffers=False)
+    @property
+    def ema(self):
+        return self.runtime.ema
 
     def _build_data(self, epoch: int, start_batch: int) -> None:
         cfg = self.cfg
@@ -146,52 +159,70 @@ class Trainer:
     # checkpoints
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        model = unwrap(self.model)
-        return {
-            "student": model.student.state_dict(),
-            "teacher": model.teacher.state_dict(),
-            "buffers": {k: v for k, v in model.named_buffers() if not k.startswith(("student.", "teacher."))},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+        """Everything an exact resume needs. Collective under DeepSpeed and with several ranks (every
+        rank must call it): sharded weights are consolidated, and each rank's RNG state is gathered."""
+        state = self.runtime.state_dict()
+        state.update({
             "train_state": vars(self.state).copy(),
             "rng": ckpt.rng_state(),
             "config": to_dict(self.cfg),
             "world_size": self.world_size,
-        }
+        })
+        if is_distributed():
+            # Each rank draws its own drop-path / masking randomness; resume must restore all of them.
+            gathered: List[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, state["rng"])
+            state["rng_per_rank"] = gathered
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        model = unwrap(self.model)
-        model.student.load_state_dict(state["student"])
-        model.teacher.load_state_dict(state["teacher"])
-        for name, value in state.get("buffers", {}).items():
-            getattr(model, name).copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.runtime.load_state_dict(state, self.output_dir)
         self.state = TrainState(**state["train_state"])
-        ckpt.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        ckpt.set_rng_state(per_rank[self.rank] if per_rank and len(per_rank) == self.world_size else state["rng"])
 
     def _maybe_resume(self) -> None:
         if is_main_process() and os.path.isdir(self.output_dir):
             ckpt.remove_stale_temp_files(self.output_dir)
+        barrier()  # no rank may look for checkpoints while rank 0 cleans up
         path = ckpt.find_latest(self.output_dir)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, map_location=self.device)
+        # Sharded runtimes restore device tensors from their own files; the consolidated copy stays on the host.
+        location = "cpu" if self.runtime.name == "deepspeed" else self.device
+        state = ckpt.load_checkpoint(path, map_location=location)
         saved_ws = state.get("world_size", 1)
         if saved_ws != self.world_size:
             raise ckpt.CheckpointError(
                 f"checkpoint '{path}' was written with world size {saved_ws}, this run has {self.world_size}; "
                 f"the schedules and data order would not continue exactly. Start a new output_dir."
             )
+        saved_runtime = state.get("runtime", "local" if "optimizer" in state else None)
+        if saved_runtime is not None and (saved_runtime == "deepspeed") != (self.runtime.name == "deepspeed"):
+            raise ckpt.CheckpointError(
+                f"checkpoint '{path}' was written by the {saved_runtime} runtime, this run uses {self.runtime.name}; "
+                "the optimizer state is stored differently. Resume with the same runtime.distributed / zero_stage."
+            )
         self.load_state_dict(state)
         print(f"[flashdino] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
               f"batch {self.state.batch_in_epoch})", file=sys.stderr)
 
     def save_checkpoint(self) -> Optional[str]:
+        """Write checkpoint.pth (rank 0) after every rank wrote its shard files, if the runtime has any.
+
+        checkpoint.pth is the commit point: it names the shard files it belongs to, so a run killed
+        while shards are written resumes from the previous complete checkpoint."""
         self.guard.check()  # never write weights produced by a non-finite step
+        shards = self.runtime.save_shards(self.output_dir, self.state.step)
+        state = self.state_dict()
+        state["runtime"] = self.runtime.name
+        if shards is not None:
+            state["shards"] = shards
+        barrier()  # every rank's shards are on disk before the commit point
         path = None
         if is_main_process():
-            path = ckpt.save_checkpoint(self.output_dir, self.state_dict(), self.state.step, self.cfg.train.keep_checkpoints)
+            path = ckpt.save_checkpoint(self.output_dir, state, self.state.step, self.cfg.train.keep_checkpoints)
+            self.runtime.prune_shards(self.output_dir)
         barrier()
         return path
 
@@ -201,44 +232,47 @@ class Trainer:
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         cfg, i = self.cfg, self.state.step
         sched = self.schedules.values(i)
         apply_schedule(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
         with phase("h2d"):
-            batch = self._to_device(batch)
+            batch = self.runtime.prepare_batch(self._to_device(batch))
 
         # teacher forward, student forward and the loss (phases marked inside the model)
-        with self._autocast():
-            losses = self.ddp_model(batch, teacher_temp=sched["teacher_temp"])
+        with self.runtime.autocast():
+            losses = self.forward(batch, teacher_temp=sched["teacher_temp"])
         self.guard.record(i, losses)
 
         with phase("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["total_loss"]).backward()
+            self.runtime.backward(losses["total_loss"])
         with phase("optimizer"):
-            self.scaler.unscale_(self.optimizer)
-            student = self.model.student
-            if cfg.optim.clip_grad > 0:
-                if cfg.optim.clip_mode == "per_param":
-                    clip_per_parameter(student.parameters(), cfg.optim.clip_grad)
-                else:
-                    norms = clip_per_module([student["backbone"], student["head"]], cfg.optim.clip_grad)
-                    losses["grad_norm_backbone"], losses["grad_norm_head"] = norms[0].detach(), norms[1].detach()
-            if cfg.objective.method == "dino" and self.state.epoch < cfg.objective.freeze_last_layer_epochs:
-                drop_last_layer_grads(student)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            # unscale (fp16), clip (spec 1.6), DINO's first-epoch prototype freeze, optimizer step
+            freeze = cfg.objective.method == "dino" and self.state.epoch < cfg.objective.freeze_last_layer_epochs
+            losses.update(self.runtime.step(freeze_last_layer=freeze))
         with phase("ema"):
-            self.ema.update(sched["momentum"])
+            self.runtime.ema_update(sched["momentum"])
+        self._watch_compilation(i)
 
         losses.update({k: torch.tensor(v) for k, v in sched.items()})
         return losses
+
+    def _watch_compilation(self, step: int) -> None:
+        """Report compilation after the warm-up step; warn about any later recompile."""
+        if self.compile_monitor is None:
+            return
+        stats = self.compile_monitor.since_start()
+        if self.compile_report is None:
+            self.compile_report = stats
+            self.compile_monitor.reset()
+            if is_main_process():
+                print(f"[flashdino] torch.compile ({self.cfg.runtime.compile}): {stats.summary()}", file=sys.stderr)
+        elif stats.frames or stats.graph_breaks:
+            self.recompiles_after_warmup += stats.frames
+            self.compile_monitor.reset()
+            if is_main_process():
+                print(f"[flashdino] warning: torch.compile recompiled at step {step} after the warm-up: "
+                      f"{stats.summary()}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -301,7 +335,12 @@ class Trainer:
             "skipped_images": len(st.skipped_files),
             "last_metrics": last,
             "output_dir": self.output_dir,
+            "runtime": self.runtime.name,
+            "attention": self.attention_report.describe(),
         }
+        if self.compile_report is not None:
+            summary["compile"] = dataclasses.asdict(self.compile_report)
+            summary["compile"]["recompiles_after_warmup"] = self.recompiles_after_warmup
         if st.skipped_files and is_main_process():
             print(f"[flashdino] skipped {len(st.skipped_files)} unreadable image file(s); first: "
                   f"{', '.join(st.skipped_files[:5])}", file=sys.stderr)

@@ -56,21 +56,66 @@ def ensure_backend_available(backend: str) -> str:
 
 
 _flash_attn_func = None
+_flash_attn_kind: Optional[str] = None  # what _flash_attn_func is, e.g. "FlashAttention-2 (flash-attn 2.7.4)"
+
+_FLASH_ATTN_INSTALL_HINT = (
+    "Install it with `pip install flash-attn --no-build-isolation` (a CUDA build matching your torch; "
+    "FlashAttention-3 for Hopper is the `hopper/` package of the same repository), or choose "
+    "runtime.attention=sdpa / flash / cudnn instead."
+)
+
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _fa3_adapter(fa3_func):
+    # FlashAttention-3's beta interface returns (out, softmax_lse); later releases return out only.
+    def flash_attn_v3(q, k, v, softmax_scale=None):
+        out = fa3_func(q, k, v, softmax_scale=softmax_scale)
+        return out[0] if isinstance(out, tuple) else out
+
+    return flash_attn_v3
+
+
+def _import_flash_attn():
+    """(attention function, description). FlashAttention-3 on a Hopper GPU when its interface
+    module is importable, else FlashAttention-2 from the flash-attn package."""
+    if _is_hopper():
+        try:
+            from flash_attn_interface import flash_attn_func as fa3_func
+
+            return _fa3_adapter(fa3_func), "FlashAttention-3 (flash_attn_interface)"
+        except ImportError:
+            pass
+    import flash_attn
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func, f"FlashAttention-2 (flash-attn {getattr(flash_attn, '__version__', '?')})"
 
 
 def _load_flash_attn():
-    global _flash_attn_func
+    global _flash_attn_func, _flash_attn_kind
     if _flash_attn_func is None:
         try:
-            from flash_attn import flash_attn_func
+            func, kind = _import_flash_attn()
         except ImportError as err:
             raise ImportError(
-                "attention backend 'flash_attn' needs the flash-attn package, which is not importable "
-                f"({err}). Install it with `pip install flash-attn --no-build-isolation` (CUDA build "
-                "matching your torch), or choose runtime.attention=sdpa / flash / cudnn instead."
+                f"attention backend 'flash_attn' needs the flash-attn package, which is not importable ({err}). "
+                + _FLASH_ATTN_INSTALL_HINT
             ) from err
-        _flash_attn_func = flash_attn_func
+        _flash_attn_func, _flash_attn_kind = func, kind
     return _flash_attn_func
+
+
+def flash_attn_status() -> Optional[str]:
+    """Which flash-attn kernels backend 'flash_attn' would use ("FlashAttention-2 (flash-attn X)" or
+    "FlashAttention-3 (...)"), or None when the package is not importable. Never raises."""
+    try:
+        _load_flash_attn()
+    except ImportError:
+        return None
+    return _flash_attn_kind
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:

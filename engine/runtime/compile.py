@@ -1,0 +1,210 @@
+"""torch.compile for the training step: per-block (regional) or whole-forward compilation, with the
+compile time, graphs and graph breaks accounted for.
+
+Modes (``runtime.compile``):
+
+| mode    | what is compiled                                                                       |
+|---------|----------------------------------------------------------------------------------------|
+| "none"  | nothing (eager)                                                                        |
+| "block" | every transformer block of student and teacher, in place (``nn.Module.compile``): the  |
+|         | blocks share code, so each distinct block configuration compiles once per crop shape;  |
+|         | module names and state-dict keys do not change                                         |
+| "full"  | the whole forward (teacher, student, heads, loss) as one graph; the backward is        |
+|         | compiled by AOTAutograd from it                                                        |
+
+Both modes use ``fullgraph=True``: a graph break inside a compiled region is an error that names the
+line, not a silent slowdown. The optimizer step and the EMA are single fused multi-tensor calls
+(torch's fused AdamW, ``_foreach_lerp_`` or the Triton EMA) and stay outside the graphs.
+
+``cuda_graphs`` uses inductor's "reduce-overhead" mode (CUDA graphs; CUDA only).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("none", "block", "full")
+
+
+class CompileConfigError(ValueError):
+    """An invalid compile request (mode, backend or CUDA graphs on a CPU)."""
+
+
+# ------------------------------------------------------------------------------------------
+# accounting
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """What torch.compile did in this process (or since a snapshot, see :class:`CompileMonitor`)."""
+
+    graphs: int = 0  # FX graphs dynamo captured (one per compiled frame variant)
+    graph_breaks: int = 0
+    break_reasons: Dict[str, int] = dataclasses.field(default_factory=dict)
+    frames: int = 0  # frames dynamo compiled (first compiles and recompiles)
+    compile_seconds: float = 0.0  # dynamo + AOTAutograd + inductor, forward and backward
+
+    def summary(self) -> str:
+        text = (f"{self.graphs} graph(s), {self.graph_breaks} graph break(s), {self.frames} frame compile(s), "
+                f"{self.compile_seconds:.1f} s compiling")
+        if self.break_reasons:
+            text += "; breaks: " + "; ".join(f"{r} (x{n})" for r, n in self.break_reasons.items())
+        return text
+
+
+def _time_spent() -> Dict[str, float]:
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return dict(calculate_time_spent())
+    except Exception:  # noqa: BLE001 - private API; the timing is informational only
+        return {}
+
+
+def _compile_seconds(spent: Dict[str, float]) -> float:
+    return float(spent.get("entire_frame_compile", 0.0) + spent.get("entire_backward_compile", 0.0))
+
+
+def compile_stats() -> CompileStats:
+    """Process-wide totals from dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    breaks = Counter({str(k): int(v) for k, v in counters["graph_break"].items()})
+    return CompileStats(
+        graphs=int(counters["stats"].get("unique_graphs", 0)),
+        graph_breaks=int(sum(breaks.values())),
+        break_reasons=dict(breaks),
+        frames=int(counters["frames"].get("ok", 0)),
+        compile_seconds=_compile_seconds(_time_spent()),
+    )
+
+
+class CompileMonitor:
+    """Differences of :func:`compile_stats` since construction (or the last :meth:`reset`).
+
+    The trainer reads it after the warm-up step (report) and later (recompile warning): both crop
+    shapes appear in the first step, so any graph compiled after it is a recompile.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._start = compile_stats()
+
+    def since_start(self) -> CompileStats:
+        now, start = compile_stats(), self._start
+        reasons = Counter(now.break_reasons)
+        reasons.subtract(start.break_reasons)
+        reasons = {k: v for k, v in reasons.items() if v > 0}
+        return CompileStats(
+            graphs=now.graphs - start.graphs,
+            graph_breaks=sum(reasons.values()),
+            break_reasons=reasons,
+            frames=now.frames - start.frames,
+            compile_seconds=max(0.0, now.compile_seconds - start.compile_seconds),
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# compiling
+# ------------------------------------------------------------------------------------------
+
+
+def _transformer_blocks(model: nn.Module) -> List[nn.Module]:
+    from flashdino.engine.models.layers import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def _block_variants(blocks: List[nn.Module]) -> int:
+    """Distinct graphs regional compilation will need per crop shape and grad mode.
+
+    Dynamo specialises on a block's Python attributes (its drop-path rate and mode), so blocks
+    that differ there compile separately; identical blocks share one graph."""
+    return len({(getattr(b, "drop_path", 0.0), getattr(b, "drop_mode", None)) for b in blocks})
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config.recompile_limit < needed:
+        dynamo_config.recompile_limit = needed
+
+
+def _compile_kwargs(backend: str, cuda_graphs: bool) -> dict:
+    kwargs = dict(backend=backend, fullgraph=True, dynamic=False)
+    if cuda_graphs:
+        if backend != "inductor":
+            raise CompileConfigError(f"runtime.cuda_graphs needs the inductor backend, got compile backend {backend!r}")
+        kwargs["mode"] = "reduce-overhead"
+    return kwargs
+
+
+def check_compile_request(mode: str, device: torch.device, cuda_graphs: bool = False) -> None:
+    if mode not in COMPILE_MODES:
+        raise CompileConfigError(f"unknown runtime.compile={mode!r}; valid: {', '.join(COMPILE_MODES)}")
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise CompileConfigError(f"runtime.cuda_graphs=true needs a CUDA device; this run uses {device}")
+    if cuda_graphs and mode == "none":
+        raise CompileConfigError("runtime.cuda_graphs=true needs runtime.compile=block or full (CUDA graphs are "
+                                 "captured by torch.compile's reduce-overhead mode)")
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> int:
+    """Compile every transformer block under `model` in place. Returns the number of blocks."""
+    blocks = _transformer_blocks(model)
+    if not blocks:
+        raise CompileConfigError("runtime.compile=block found no transformer block (flashdino Block) to compile")
+    kwargs = _compile_kwargs(backend, cuda_graphs)
+    # Two crop shapes, grad on (student) and off (teacher), per block variant, plus slack.
+    _raise_recompile_limit(4 * _block_variants(blocks) + 4)
+    for block in blocks:
+        block.compile(**kwargs)
+    return len(blocks)
+
+
+def compile_forward(module: nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> Callable:
+    """The whole forward (teacher + student + heads + loss) as one compiled callable.
+
+    `module` may be the plain model or its DDP wrapper (DDP's graph splitting then applies)."""
+    return torch.compile(module, **_compile_kwargs(backend, cuda_graphs))
+
+
+def apply_compile(model: nn.Module, module: nn.Module, mode: str, device, backend: str = "inductor",
+                  cuda_graphs: bool = False) -> Callable:
+    """Compile per `mode` and return the callable the trainer runs the forward with.
+
+    `model` is the plain SSLMetaArch (its blocks are compiled in place for "block"); `module` is what
+    the forward is called on (the model itself or its distributed wrapper)."""
+    check_compile_request(mode, device, cuda_graphs)
+    if mode == "none":
+        return module
+    if mode == "block":
+        compile_blocks(model, backend, cuda_graphs)
+        return module
+    return compile_forward(module, backend, cuda_graphs)
+
+
+def reset_compiled_state() -> None:
+    """Forget every compiled graph and counter (tests; a fresh model in the same process)."""
+    torch._dynamo.reset()
+
+
+__all__ = [
+    "COMPILE_MODES",
+    "CompileConfigError",
+    "CompileMonitor",
+    "CompileStats",
+    "apply_compile",
+    "check_compile_request",
+    "compile_blocks",
+    "compile_forward",
+    "compile_stats",
+    "reset_compiled_state",
+]

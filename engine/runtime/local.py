@@ -1,0 +1,104 @@
+"""The plain runtime: one process, or DDP. A torch AdamW, a GradScaler for fp16 autocast, clipping
+per the config (spec 1.6) and the teacher EMA over whole parameters.
+
+Every runtime offers the same small interface, which is all :class:`~flashdino.engine.trainer.Trainer`
+calls (see also :mod:`.deepspeed_backend`):
+
+``module`` (what the forward is called on), ``optimizer`` (its param groups receive the schedule),
+``prepare_batch``, ``autocast``, ``backward``, ``step``, ``ema_update``, ``state_dict``,
+``load_state_dict``, ``save_shards``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Optional
+
+import torch
+
+from flashdino.engine.ema import build_ema
+from flashdino.engine.optim import build_optimizer, build_param_groups, clip_per_module, clip_per_parameter, drop_last_layer_grads
+
+from .ddp import wrap_ddp
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def clip_gradients(cfg, student) -> Dict[str, torch.Tensor]:
+    """Spec 1.6 clipping on whole gradients; returns the per-module norms ("per_module" mode)."""
+    out: Dict[str, torch.Tensor] = {}
+    o = cfg.optim
+    if o.clip_grad > 0:
+        if o.clip_mode == "per_param":
+            clip_per_parameter(student.parameters(), o.clip_grad)
+        else:
+            norms = clip_per_module([student["backbone"], student["head"]], o.clip_grad)
+            out["grad_norm_backbone"], out["grad_norm_head"] = norms[0].detach(), norms[1].detach()
+    return out
+
+
+class LocalRuntime:
+    """Single process (``name`` "local") or DistributedDataParallel (``name`` "ddp")."""
+
+    def __init__(self, cfg, model, device: torch.device, distributed: bool = False):
+        self.cfg, self.model, self.device = cfg, model, device
+        self.name = "ddp" if distributed else "local"
+        student = model.student
+        self.param_groups = build_param_groups(cfg, student["backbone"], student["head"])
+        self.optimizer = build_optimizer(cfg, self.param_groups)
+        self.ema = build_ema(cfg.runtime.kernels.ema, model.teacher, model.student)
+        self.amp_dtype = AUTOCAST_DTYPES.get(cfg.train.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.module = wrap_ddp(model, device) if distributed else model
+
+    # ---------------------------------------------------------------------------------- step
+    def prepare_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        return batch
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+
+    def step(self, freeze_last_layer: bool = False) -> Dict[str, torch.Tensor]:
+        """Unscale, clip, optionally drop the prototype layer's gradients (DINO), step."""
+        self.scaler.unscale_(self.optimizer)
+        norms = clip_gradients(self.cfg, self.model.student)
+        if freeze_last_layer:
+            drop_last_layer_grads(self.model.student)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return norms
+
+    def ema_update(self, momentum: float) -> None:
+        self.ema.update(momentum)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        model = self.model
+        return {
+            "student": model.student.state_dict(),
+            "teacher": model.teacher.state_dict(),
+            "buffers": {k: v for k, v in model.named_buffers() if not k.startswith(("student.", "teacher."))},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any], output_dir: Optional[str] = None) -> None:
+        model = self.model
+        model.student.load_state_dict(state["student"])
+        model.teacher.load_state_dict(state["teacher"])
+        for name, value in state.get("buffers", {}).items():
+            getattr(model, name).copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_shards(self, output_dir: str, step: int) -> Optional[Dict[str, Any]]:
+        """Per-rank files a checkpoint needs besides checkpoint.pth: none here."""
+        return None
+
+    def prune_shards(self, output_dir: str) -> None:
+        return None
