@@ -8,6 +8,8 @@ import os
 import re
 
 from setuptools import setup
+from setuptools.command.build_py import build_py as _build_py
+from setuptools.dist import Distribution
 
 TOP_LEVEL = ("engine", "kernels", "pipelines", "profiling")
 
@@ -33,8 +35,39 @@ package_dir = {}
 for top in TOP_LEVEL:
     package_dir.update(_subpackages(top))
 
+class build_py(_build_py):
+    """Also build the native DALI operator plugin (pipelines/native, CMake) when DALI and a compiler exist.
+
+    Without them the build logs one line and the DALI pipeline falls back to DALI's built-in ops.
+    Editable installs don't run this step: scripts/setup.sh runs the same build into build/native.
+    """
+
+    def run(self):
+        super().run()
+        import importlib.util
+        import shutil
+
+        spec = importlib.util.spec_from_file_location("_flashdino_native_build", os.path.join("pipelines", "native", "build.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        plugin = module.build_native_plugin()
+        if plugin:
+            dest = os.path.join(self.build_lib, "flashdino", "pipelines", "native")
+            os.makedirs(dest, exist_ok=True)
+            shutil.copy2(plugin, dest)
+
+
+class BinaryDistribution(Distribution):
+    """The wheel may carry the native plugin (a .so), so it is tagged for the platform."""
+
+    def has_ext_modules(self):
+        return True
+
+
 setup(
     name="flashdino",
+    cmdclass={"build_py": build_py},
+    distclass=BinaryDistribution,
     version=_version(),
     description="Compiled, fused training engine for SimDINO / SimDINOv2 (and DINO / DINOv2) ViT pretraining",
     python_requires=">=3.10",

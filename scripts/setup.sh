@@ -23,5 +23,8 @@ fi
 # DeepSpeed ships as a source archive; build only its Python part (no CUDA ops at install time).
 .venv/bin/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 .venv/bin/python -m pip install -q deepspeed==0.19.8
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# The native DALI operator (CMake; CPU kernel, plus the CUDA kernel when nvcc exists). Optional:
+# without it the DALI pipeline falls back to DALI's built-in ops and says so once.
+.venv/bin/python -m flashdino.pipelines.native.build || echo "setup: native DALI plugin not built (see above); continuing" >&2
 
 echo "setup: done. Try: .venv/bin/flashdino train   (tests: bash scripts/test.sh)"
