@@ -227,3 +227,17 @@ def test_bench_kernels_mode_runs_the_kernel_microbenchmarks(tmp_path):
     assert {r["impl"] for r in report["results"]} == {"eager", "triton"}
     assert "--kernels sinkhorn" in report["meta"]["command"]
     assert cli_main(["bench", "--kernels", "gemm", "--out", str(tmp_path)]) == 2
+
+
+def test_bench_through_the_real_data_pipeline_engine_only(tmp_path):
+    # 4 batches per epoch and 5 steps: the loader wraps into a second epoch; data_wait is measured.
+    args = ["bench", "--preset", "simdino_vits16", *SMOKE_OVERRIDES, "data.dataset=synthetic", "data.synthetic_size=16",
+            "data.num_workers=0", "--data", "pipeline", "--sides", "engine", "--steps", "3", "--warmup", "1",
+            "--phase-steps", "1", "--no-ceilings", "--no-chart", "--out", str(tmp_path)]
+    assert cli_main(args) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["sides"]) == ["engine"] and report["speedup"] is None
+    engine = report["sides"]["engine"]
+    assert engine["phases"]["data_wait"]["ms_per_step"] > 0 and engine["mfu"] is None  # no ceiling measured
+    assert report["workload"]["data"] == "pipeline" and report["flops"]["per_step"] > 0
+    assert not (tmp_path / "bench.png").exists()
