@@ -64,3 +64,17 @@ def test_update_readme_between_markers(tmp_path):
     with pytest.raises(ValueError, match="no results block"):
         update_readme(str(bare), "table")
     assert main(["--results", str(tmp_path), "--readme", str(bare)]) == 2
+
+
+def test_suite_commands_parse_with_the_cli():
+    from flashdino.engine.cli import build_parser
+    from flashdino.profiling.suite import FAST_PATHS, commands
+
+    runs = commands(["simdino_vitb16", "dinov2_vitb16"], FAST_PATHS.split(), ["train.seed=1"], skip=["profile"])
+    assert [r[0] for r in runs] == ["parity", "bench", "parity", "bench", "bench"] and runs[-1][1:] == ["--kernels", "all"]
+    parser = build_parser()
+    for run in runs:
+        args = parser.parse_args(run)
+        if run[0] == "parity" or "--kernels" not in run:
+            assert args.preset in ("simdino_vitb16", "dinov2_vitb16")
+            assert "runtime.compile=block" in args.overrides and args.overrides[-1] == "train.seed=1"
