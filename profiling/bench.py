@@ -385,6 +385,10 @@ def main(args) -> int:
         except (ValueError, FileNotFoundError) as exc:
             print(f"flashdino bench: {exc}", file=sys.stderr)
             return 2
+    if args.steps < 1 or args.warmup < 1 or args.phase_steps < 0 or args.pool < 1 or not 0 < args.threshold < 1:
+        print(f"flashdino bench: need --steps >= 1, --warmup >= 1, --phase-steps >= 0, --pool >= 1 and 0 < --threshold "
+              f"< 1 (got {args.steps}, {args.warmup}, {args.phase_steps}, {args.pool}, {args.threshold})", file=sys.stderr)
+        return 2
     cfg = config_from_args(args)
     command = env.cli_command("bench", args)
     report = run_bench(cfg, data=args.data, steps=args.steps, warmup=args.warmup, phase_steps=args.phase_steps,

@@ -404,6 +404,13 @@ def main(args) -> int:
         if value is not None:
             overrides[key] = value
     cfg = config_from_args(args)
+    try:  # bad numbers are reported before any model is built
+        tolerances_for(cfg.train.precision, overrides)
+        if args.steps < 1 or args.pool < 1:
+            raise ValueError(f"--steps and --pool must be >= 1, got {args.steps} and {args.pool}")
+    except ValueError as exc:
+        print(f"flashdino parity: {exc}", file=sys.stderr)
+        return 2
     command = env.cli_command("parity", args)
     report = run_parity(cfg, steps=args.steps, data=args.data, tolerances=overrides, pool=args.pool,
                         command=command, config_file=args.config)

@@ -185,6 +185,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    if args.steps < 1 or args.warmup < 0 or (args.emit_nvtx and not args.nsys):
+        print("flashdino profile: need --steps >= 1 and --warmup >= 0; --emit-nvtx needs --nsys (torch.profiler "
+              "and per-operator NVTX ranges cannot run together)", file=sys.stderr)
+        return 2
     cfg = config_from_args(args)
     command = env.cli_command("profile", args)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -78,3 +78,14 @@ def test_suite_commands_parse_with_the_cli():
         if run[0] == "parity" or "--kernels" not in run:
             assert args.preset in ("simdino_vitb16", "dinov2_vitb16")
             assert "runtime.compile=block" in args.overrides and args.overrides[-1] == "train.seed=1"
+
+
+def test_bad_cli_numbers_exit_2_before_any_work():
+    from flashdino.engine.cli import main as cli_main
+
+    assert cli_main(["parity", "--preset", "demo", "--rtol", "-1"]) == 2
+    assert cli_main(["parity", "--preset", "demo", "--steps", "0"]) == 2
+    assert cli_main(["bench", "--preset", "demo", "--steps", "0"]) == 2
+    assert cli_main(["bench", "--preset", "demo", "--threshold", "1.5"]) == 2
+    assert cli_main(["bench", "--compare", "x.json"]) == 2  # --compare needs --baseline
+    assert cli_main(["profile", "--preset", "demo", "--emit-nvtx"]) == 2
