@@ -100,9 +100,11 @@ def measure(trainer, cfg, *, data: str, steps: int, warmup: int, phase_steps: in
                 losses = _step(trainer, batches, seed)
                 phase_clock.mark()
         step_ms = sum(phase_clock.durations_ms()) / phase_steps
+        top_level = 0.0
         for name, s in timer.summary().items():
             phases[name] = {"ms_per_step": s["total_ms"] / phase_steps, "share": s["total_ms"] / phase_steps / step_ms}
-        other_ms = step_ms - sum(p["ms_per_step"] for p in phases.values())
+            top_level += s["top_level_ms"] / phase_steps
+        other_ms = step_ms - top_level  # nested phases are inside their parent's time already
 
     total_s = sum(times) / 1e3
     compile_report = getattr(trainer, "compile_report", None)  # set by the trainer after its warm-up step

@@ -94,7 +94,7 @@ class PhaseTimer:
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
         self._open: List[Tuple[str, object]] = []
-        self._spans: List[Tuple[str, object, object]] = []
+        self._spans: List[Tuple[str, object, object, int]] = []  # (name, start, end, nesting depth)
         self._active = False
 
     def _now(self):
@@ -113,7 +113,7 @@ class PhaseTimer:
             open_names = [n for n, _ in self._open]
             raise RuntimeError(f"PhaseTimer: phase '{name}' closed while {open_names} are open")
         opened_name, start = self._open.pop()
-        self._spans.append((opened_name, start, self._now()))
+        self._spans.append((opened_name, start, self._now(), len(self._open)))
 
     def start(self) -> "PhaseTimer":
         if is_enabled():
@@ -137,15 +137,19 @@ class PhaseTimer:
         self._spans.clear()
 
     def summary(self) -> Dict[str, Dict[str, float]]:
-        """{phase: {"total_ms", "count", "mean_ms"}} over the spans recorded so far (phase order of PHASES first)."""
+        """{phase: {"total_ms", "count", "mean_ms", "top_level_ms"}} over the spans recorded so far
+        (PHASES order first). ``top_level_ms`` counts only spans not nested in another phase, so
+        those add up to at most the wall time of the steps."""
         if self._open:
             raise RuntimeError(f"PhaseTimer: phases still open: {[n for n, _ in self._open]}")
         if self._cuda and self._spans:
             torch.cuda.synchronize(self.device)
         totals: Dict[str, List[float]] = {}
-        for name, start, end in self._spans:
+        top: Dict[str, float] = {}
+        for name, start, end, depth in self._spans:
             ms = start.elapsed_time(end) if self._cuda else (end - start) * 1e3
             totals.setdefault(name, []).append(ms)
+            top[name] = top.get(name, 0.0) + (ms if depth == 0 else 0.0)
         order = [p for p in PHASES if p in totals] + sorted(n for n in totals if n not in PHASES)
-        return {n: {"total_ms": sum(totals[n]), "count": len(totals[n]), "mean_ms": sum(totals[n]) / len(totals[n])}
-                for n in order}
+        return {n: {"total_ms": sum(totals[n]), "count": len(totals[n]), "mean_ms": sum(totals[n]) / len(totals[n]),
+                    "top_level_ms": top[n]} for n in order}
