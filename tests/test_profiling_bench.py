@@ -2,7 +2,6 @@
 hand count, step statistics, per-phase timing, the regression guard."""
 import copy
 import json
-import math
 
 import pytest
 import torch
