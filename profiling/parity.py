@@ -225,15 +225,15 @@ def compare_step(step: int, losses_e, losses_r, grads_e, grads_r, states, tol) -
 # ------------------------------------------------------------------------------------------
 
 
-def _fallback_random() -> None:
+def _set_fallback_random(value: bool) -> bool:
     """Compiled graphs draw random numbers (drop path) with their own generator unless told to use
-    eager's; parity needs the same draws on both sides."""
-    try:
-        import torch._inductor.config as inductor_config
+    eager's; parity needs the same draws on both sides. Returns the previous setting (it is
+    process-wide, and slower: a bench later in the same process must not inherit it)."""
+    import torch._inductor.config as inductor_config
 
-        inductor_config.fallback_random = True
-    except ImportError:  # pragma: no cover - inductor ships with torch
-        pass
+    old = inductor_config.fallback_random
+    inductor_config.fallback_random = value
+    return old
 
 
 def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cfg=None,
@@ -255,9 +255,17 @@ def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cf
     if cfg_r.train.precision != precision:
         raise ValueError(f"parity: engine precision {precision} != reference precision {cfg_r.train.precision}")
     tol = tolerances_for(precision, tolerances)
-    if cfg_e.runtime.compile != "none":
-        _fallback_random()
 
+    fallback_random = _set_fallback_random(True) if cfg_e.runtime.compile != "none" else None
+    try:
+        return _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_file)
+    finally:
+        if fallback_random is not None:
+            _set_fallback_random(fallback_random)
+
+
+def _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_file) -> Dict[str, Any]:
+    precision = cfg_e.train.precision
     reference = harness.build_trainer(cfg_r)
     engine = harness.build_trainer(cfg_e)
     init_diff = harness.load_model_state(engine, harness.model_state(reference))
@@ -294,6 +302,8 @@ def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cf
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
+    del reference, engine, batches
+    harness.free_memory()  # a suite runs bench next in the same process
     no_grad = sum(v["no_grad_engine"] for v in records[-1]["grad_norms"].values()) if records else 0
     if engine_error:
         print(f"flashdino parity: the engine failed at {engine_error}", file=sys.stderr)

@@ -120,3 +120,21 @@ def test_tolerances_by_dtype():
         tolerances_for("fp8")
     with pytest.raises(ValueError, match="unknown tolerance"):
         tolerances_for("fp32", {"weights": 1.0})
+
+
+def test_compiled_engine_gets_eager_random_draws_only_during_parity(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from flashdino.profiling import parity
+
+    seen = []
+
+    def fake_lockstep(*args):
+        seen.append(inductor_config.fallback_random)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(parity, "_lockstep", fake_lockstep)
+    before = inductor_config.fallback_random
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_parity(tiny("simdino_vits16", "runtime.compile=block"), steps=1)
+    assert seen == [True] and inductor_config.fallback_random == before
