@@ -102,6 +102,14 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
 
     `normalize` L2-normalizes both feature sets first (a no-op for rows already unit-norm).
     `chunking`: ``query_chunk``, ``train_chunk``, ``device`` (see :func:`nearest_neighbors`)."""
+    scored = knn_top_classes(train_features, train_labels, test_features, ks, temperature, num_classes, normalize,
+                             top, **chunking)
+    return {k: idx for k, (_, idx) in scored.items()}
+
+
+def knn_top_classes(train_features, train_labels, test_features, ks=DEFAULT_KS, temperature=KNN_TEMPERATURE,
+                    num_classes=None, normalize=True, top=5, **chunking) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """Like :func:`knn_predict`, with the class scores: ``{k: (scores, classes)}``, each (Q, min(top, C))."""
     ks = _check_inputs(train_features, train_labels, test_features, ks)
     train_labels = train_labels.long().cpu()
     num_classes = int(num_classes or int(train_labels.max()) + 1)
@@ -113,7 +121,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     out = {}
     for k in ks:
         scores = vote(sims[:, :k], neighbor_labels[:, :k], num_classes, temperature)
-        out[k] = scores.topk(min(top, num_classes), dim=1).indices
+        out[k] = scores.topk(min(top, num_classes), dim=1)
     return out
 
 
@@ -126,7 +134,11 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, ks: Iterable[int] = DEFAULT_KS, temperature: float = KNN_TEMPERATURE,
                  **kwargs) -> Dict[int, Dict[str, float]]:
-    """``{k: {"top1": %, "top5": %}}``: micro-averaged accuracy in percent."""
+    """``{k: {"top1": %, "top5": %}}``: micro-averaged accuracy in percent.
+
+    A top-5 hit needs a positive score: a class no neighbour voted for is not a prediction (with
+    fewer than 5 classes among the k neighbours, zero-score classes would otherwise fill the list in
+    arbitrary order)."""
     if test_labels.shape != (test_features.shape[0],):
         raise ValueError(f"knn: test_labels has shape {tuple(test_labels.shape)}, expected ({test_features.shape[0]},)")
     if test_labels.numel() == 0:
@@ -134,13 +146,14 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     if int(test_labels.min()) < 0:
         raise ValueError("knn: test labels must be >= 0; the test set is unlabeled (label -1)")
     num_classes = kwargs.pop("num_classes", None) or int(max(int(train_labels.max()), int(test_labels.max())) + 1)
-    preds = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes=num_classes, **kwargs)
+    scored = knn_top_classes(train_features, train_labels, test_features, ks, temperature, num_classes=num_classes,
+                             **kwargs)
     target = test_labels.long().cpu().unsqueeze(1)
     out = {}
-    for k, top in preds.items():
-        hits = top == target
-        out[k] = {"top1": 100.0 * hits[:, 0].float().mean().item(),
-                  "top5": 100.0 * hits[:, :5].any(dim=1).float().mean().item()}
+    for k, (scores, top) in scored.items():
+        hits = (top == target) & (scores > 0)
+        out[k] = {"top1": 100.0 * hits[:, 0].double().mean().item(),
+                  "top5": 100.0 * hits[:, :5].any(dim=1).double().mean().item()}
     return out
 
 
