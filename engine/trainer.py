@@ -204,8 +204,9 @@ class Trainer:
                 "the optimizer state is stored differently. Resume with the same runtime.distributed / zero_stage."
             )
         self.load_state_dict(state)
-        print(f"[flashdino] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
-              f"batch {self.state.batch_in_epoch})", file=sys.stderr)
+        if is_main_process():
+            print(f"[flashdino] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                  f"batch {self.state.batch_in_epoch})", file=sys.stderr)
 
     def save_checkpoint(self) -> Optional[str]:
         """Write checkpoint.pth (rank 0) after every rank wrote its shard files, if the runtime has any.
@@ -267,8 +268,8 @@ class Trainer:
             self.compile_monitor.reset()
             if is_main_process():
                 print(f"[flashdino] torch.compile ({self.cfg.runtime.compile}): {stats.summary()}", file=sys.stderr)
-        elif stats.frames or stats.graph_breaks:
-            self.recompiles_after_warmup += stats.frames
+        elif stats.graphs or stats.graph_breaks:
+            self.recompiles_after_warmup += stats.graphs
             self.compile_monitor.reset()
             if is_main_process():
                 print(f"[flashdino] warning: torch.compile recompiled at step {step} after the warm-up: "

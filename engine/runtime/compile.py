@@ -12,8 +12,8 @@ Modes (``runtime.compile``):
 | "full"  | the whole forward (teacher, student, heads, loss) as one graph; the backward is        |
 |         | compiled by AOTAutograd from it                                                        |
 
-Both modes use ``fullgraph=True``: a graph break inside a compiled region is an error that names the
-line, not a silent slowdown. The optimizer step and the EMA are single fused multi-tensor calls
+Both modes compile in place with ``fullgraph=True``: a graph break inside a compiled region is an
+error that names the line, not a silent slowdown. The optimizer step and the EMA are single fused multi-tensor calls
 (torch's fused AdamW, ``_foreach_lerp_`` or the Triton EMA) and stay outside the graphs.
 
 ``cuda_graphs`` uses inductor's "reduce-overhead" mode (CUDA graphs; CUDA only).
@@ -43,17 +43,18 @@ class CompileConfigError(ValueError):
 class CompileStats:
     """What torch.compile did in this process (or since a snapshot, see :class:`CompileMonitor`)."""
 
-    graphs: int = 0  # FX graphs dynamo captured (one per compiled frame variant)
+    graphs: int = 0  # FX graphs dynamo captured: one per compiled region and variant (shape, grad mode)
     graph_breaks: int = 0
     break_reasons: Dict[str, int] = dataclasses.field(default_factory=dict)
-    frames: int = 0  # frames dynamo compiled (first compiles and recompiles)
     compile_seconds: float = 0.0  # dynamo + AOTAutograd + inductor, forward and backward
 
     def summary(self) -> str:
-        text = (f"{self.graphs} graph(s), {self.graph_breaks} graph break(s), {self.frames} frame compile(s), "
-                f"{self.compile_seconds:.1f} s compiling")
+        text = f"{self.graphs} graph(s), {self.graph_breaks} graph break(s), {self.compile_seconds:.1f} s compiling"
         if self.break_reasons:
-            text += "; breaks: " + "; ".join(f"{r} (x{n})" for r, n in self.break_reasons.items())
+            shown = list(self.break_reasons.items())[:3]
+            text += "; breaks: " + "; ".join(f"{r.strip().splitlines()[0][:160]} (x{n})" for r, n in shown)
+            if len(self.break_reasons) > 3:
+                text += f"; ... {len(self.break_reasons) - 3} more distinct reason(s)"
         return text
 
 
@@ -79,7 +80,6 @@ def compile_stats() -> CompileStats:
         graphs=int(counters["stats"].get("unique_graphs", 0)),
         graph_breaks=int(sum(breaks.values())),
         break_reasons=dict(breaks),
-        frames=int(counters["frames"].get("ok", 0)),
         compile_seconds=_compile_seconds(_time_spent()),
     )
 
@@ -106,7 +106,6 @@ class CompileMonitor:
             graphs=now.graphs - start.graphs,
             graph_breaks=sum(reasons.values()),
             break_reasons=reasons,
-            frames=now.frames - start.frames,
             compile_seconds=max(0.0, now.compile_seconds - start.compile_seconds),
         )
 
@@ -146,7 +145,7 @@ def _compile_kwargs(backend: str, cuda_graphs: bool) -> dict:
     return kwargs
 
 
-def check_compile_request(mode: str, device: torch.device, cuda_graphs: bool = False) -> None:
+def check_compile_request(mode: str, device, cuda_graphs: bool = False) -> None:
     if mode not in COMPILE_MODES:
         raise CompileConfigError(f"unknown runtime.compile={mode!r}; valid: {', '.join(COMPILE_MODES)}")
     if cuda_graphs and torch.device(device).type != "cuda":
@@ -169,26 +168,30 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", cuda_graphs: boo
     return len(blocks)
 
 
-def compile_forward(module: nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> Callable:
-    """The whole forward (teacher + student + heads + loss) as one compiled callable.
+def compile_forward(model: nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> None:
+    """Compile the model's whole forward (teacher + student + heads + loss) in place.
 
-    `module` may be the plain model or its DDP wrapper (DDP's graph splitting then applies)."""
-    return torch.compile(module, **_compile_kwargs(backend, cuda_graphs))
+    The ``forward`` method is compiled, not the module call, so module hooks stay outside the graph
+    (DeepSpeed's engine registers a forward pre-hook on the module it wraps), and a DDP or DeepSpeed
+    wrapper keeps calling it. Inside DDP's forward, dynamo's DDP optimizer splits the graph at
+    gradient-bucket boundaries so the all-reduces overlap the backward (not graph breaks)."""
+    model.forward = torch.compile(model.forward, **_compile_kwargs(backend, cuda_graphs))
 
 
 def apply_compile(model: nn.Module, module: nn.Module, mode: str, device, backend: str = "inductor",
                   cuda_graphs: bool = False) -> Callable:
     """Compile per `mode` and return the callable the trainer runs the forward with.
 
-    `model` is the plain SSLMetaArch (its blocks are compiled in place for "block"); `module` is what
-    the forward is called on (the model itself or its distributed wrapper)."""
+    `model` is the plain SSLMetaArch (compiled in place); `module` is what the forward is called on
+    (the model itself or its distributed wrapper)."""
     check_compile_request(mode, device, cuda_graphs)
     if mode == "none":
         return module
     if mode == "block":
         compile_blocks(model, backend, cuda_graphs)
-        return module
-    return compile_forward(module, backend, cuda_graphs)
+    else:
+        compile_forward(model, backend, cuda_graphs)
+    return module
 
 
 def reset_compiled_state() -> None:

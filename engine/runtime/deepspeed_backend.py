@@ -78,6 +78,13 @@ def check_deepspeed_request(cfg) -> None:
             "DINO's first-epoch prototype freeze drops whole parameters from the optimizer step, which ZeRO's flat "
             "shards cannot express; set objective.freeze_last_layer_epochs=0 or use runtime.distributed=ddp"
         )
+    if cfg.runtime.zero_stage == 3 and cfg.runtime.compile != "none":
+        raise DistributedConfigError(
+            f"runtime.compile={cfg.runtime.compile} with runtime.zero_stage=3: ZeRO-3 gathers parameters in hooks "
+            "on every sub-module, which torch.compile can only step around with a graph break per layer. Use "
+            "runtime.zero_stage=2 (parameters replicated, gradients and optimizer state sharded) for compiled "
+            "runs, or runtime.compile=none with ZeRO-3"
+        )
     try:
         import deepspeed  # noqa: F401
     except ImportError as err:
