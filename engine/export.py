@@ -1,13 +1,14 @@
 """Export a checkpoint's teacher backbone as safetensors that timm loads with no key edits.
 
-Writes a folder with ``model.safetensors`` (the backbone, timm's key names) and ``config.json``
-(timm's hub format: architecture, model_args, pretrained_cfg), so any of these work:
+``--output DIR`` writes a folder with ``model.safetensors`` (the backbone, timm's key names) and
+``config.json`` (timm's hub format: architecture, model_args, pretrained_cfg), so any of these work:
 
   model = timm.create_model("local-dir:EXPORT_DIR", pretrained=True, num_classes=0)
   model = timm.create_model(NAME, num_classes=0, **MODEL_ARGS)                      # then
   model.load_state_dict(safetensors.torch.load_file("EXPORT_DIR/model.safetensors"))
 
-NAME and MODEL_ARGS are printed and stored in config.json; MODEL_ARGS is empty for the standard
+``--output FILE.safetensors`` writes that file and ``FILE.json`` (the same config) beside it; load it
+the second way. NAME and MODEL_ARGS are printed and stored in the config; MODEL_ARGS is empty for the standard
 DINO-style ViTs at 224 px (e.g. ``vit_small_patch16_224``). The mapping:
 
 * v1 (DINO-style) backbones: our parameter names are timm's ``vit_*_patch16_224`` names; only the
@@ -79,8 +80,15 @@ def to_timm_state_dict(state: Dict[str, torch.Tensor], num_register_tokens: int)
     return out
 
 
-def export_backbone(checkpoint: str, output_dir: str, which: str = "teacher") -> Dict[str, Any]:
-    """Write ``model.safetensors`` + ``config.json`` for timm into `output_dir`; returns config.json's content."""
+def output_paths(output: str) -> Tuple[str, str]:
+    """(weights file, config file) for ``--output``: a folder, or a ``.safetensors`` file path."""
+    if output.endswith(".safetensors"):
+        return output, output[: -len(".safetensors")] + ".json"
+    return os.path.join(output, WEIGHTS_FILE), os.path.join(output, CONFIG_FILE)
+
+
+def export_backbone(checkpoint: str, output: str, which: str = "teacher") -> Dict[str, Any]:
+    """Write the weights and timm config (see :func:`output_paths`); returns the config."""
     from safetensors.torch import save_file
 
     from flashdino.engine.eval.backbone import load_backbone
@@ -111,10 +119,11 @@ def export_backbone(checkpoint: str, output_dir: str, which: str = "teacher") ->
         "flashdino": {"checkpoint": os.path.abspath(checkpoint), "which": which, "step": info["step"],
                       "method": cfg.objective.method, "style": cfg.model.style},
     }
-    os.makedirs(output_dir, exist_ok=True)
+    weights_path, config_path = output_paths(output)
+    os.makedirs(os.path.dirname(os.path.abspath(weights_path)), exist_ok=True)
     metadata = {"format": "pt", "timm_architecture": name, "timm_model_args": json.dumps(model_args)}
-    save_file(tensors, os.path.join(output_dir, WEIGHTS_FILE), metadata=metadata)
-    with open(os.path.join(output_dir, CONFIG_FILE), "w") as fh:
+    save_file(tensors, weights_path, metadata=metadata)
+    with open(config_path, "w") as fh:
         json.dump(config, fh, indent=2)
         fh.write("\n")
     return config
@@ -122,7 +131,9 @@ def export_backbone(checkpoint: str, output_dir: str, which: str = "teacher") ->
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a flashdino train checkpoint (checkpoint.pth)")
-    parser.add_argument("--output", required=True, help="folder for model.safetensors and config.json")
+    parser.add_argument("--output", "--out", dest="output", required=True,
+                        help="a folder (gets model.safetensors + config.json, loadable as timm 'local-dir:') "
+                             "or a FILE.safetensors path (gets FILE.json beside it)")
     parser.add_argument("--which", default="teacher", choices=("teacher", "student"), help="which backbone to export")
 
 
@@ -135,10 +146,11 @@ def main(args) -> int:
         return fail(str(exc))
     name, model_args = config["architecture"], config["model_args"]
     extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
-    weights = os.path.join(args.output, WEIGHTS_FILE)
-    print(f"wrote {weights} and {os.path.join(args.output, CONFIG_FILE)} ({args.which} backbone, "
-          f"step {config['flashdino']['step']})", file=sys.stderr)
-    print(f'timm.create_model("local-dir:{os.path.abspath(args.output)}", pretrained=True, num_classes=0)')
-    print(f'# or: timm.create_model("{name}", num_classes=0{extra}).load_state_dict('
+    weights, config_path = output_paths(args.output)
+    print(f"wrote {weights} and {config_path} ({args.which} backbone, step {config['flashdino']['step']})",
+          file=sys.stderr)
+    if not args.output.endswith(".safetensors"):
+        print(f'timm.create_model("local-dir:{os.path.abspath(args.output)}", pretrained=True, num_classes=0)')
+    print(f'timm.create_model("{name}", num_classes=0{extra}).load_state_dict('
           f'safetensors.torch.load_file("{weights}"))')
     return 0

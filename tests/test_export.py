@@ -98,6 +98,19 @@ def test_cli_export_prints_the_loading_call(tmp_path, capsys):
     assert timm_architecture(cfg.model) == (config["architecture"], config["model_args"])
 
 
+def test_cli_export_to_a_safetensors_file(tmp_path, capsys):
+    path, teacher, cfg = _checkpoint(tmp_path, ["model.img_size=32", "model.embed_dim=32", "model.depth=1",
+                                                "model.num_heads=2"])
+    target = os.path.join(tmp_path, "out", "vit.safetensors")
+    assert cli_main(["export", "--checkpoint", path, "--out", target]) == 0
+    assert "load_file" in capsys.readouterr().out
+    with open(os.path.join(tmp_path, "out", "vit.json")) as fh:
+        config = json.load(fh)
+    model = timm.create_model(config["architecture"], num_classes=0, **config["model_args"])
+    model.load_state_dict(safetensors_torch.load_file(target), strict=True)
+    _same_features(teacher, model, 32)
+
+
 def test_cli_export_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     missing = os.path.join(tmp_path, "nope.pth")
     assert cli_main(["export", "--checkpoint", missing, "--output", str(tmp_path)]) == 2

@@ -54,8 +54,8 @@ class KnnAfterTraining:
         try:
             self.train_reader, self.test_reader, self.description = resolve_eval_data(cfg)
         except (DatasetError, FileNotFoundError) as exc:
-            raise ConfigError(f"eval.after_train=true but the evaluation data is unavailable: {exc} "
-                              "(or set eval.after_train=false)") from exc
+            raise ConfigError(f"{exc} (the k-NN evaluation after training needs its held-out split; "
+                              "eval.after_train=false skips that evaluation)") from exc
         self.transform = EvalTransform.from_config(cfg)
         self.ks = [cfg.eval.knn_k]
 
