@@ -27,7 +27,7 @@ from .metrics import MetricsLogger
 from .optim import apply_schedule
 from .runtime import build_runtime
 from .runtime.attention_check import check_model_attention
-from .runtime.compile import CompileMonitor, apply_compile
+from .runtime.compile import CompileMonitor, apply_compile, mark_variable_lengths
 from .schedules import build_schedules
 from flashdino.profiling.ranges import phase
 
@@ -75,7 +75,7 @@ class Trainer:
         self.optimizer = self.runtime.optimizer
         self.forward = apply_compile(self.model, self.runtime.module, cfg.runtime.compile, self.device,
                                      backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"),
-                                     cuda_graphs=cfg.runtime.cuda_graphs)
+                                     cuda_graphs=cfg.runtime.cuda_graphs, method=cfg.objective.method)
         self.compile_monitor = CompileMonitor() if cfg.runtime.compile != "none" else None
         self.compile_report = None  # CompileStats of the warm-up step, once it ran
         self.recompiles_after_warmup = 0
@@ -240,6 +240,8 @@ class Trainer:
         with phase("h2d"):
             batch = self.runtime.prepare_batch(self._to_device(batch))
 
+        if self.compile_monitor is not None:
+            mark_variable_lengths(batch)
         # teacher forward, student forward and the loss (phases marked inside the model)
         with self.runtime.autocast():
             losses = self.forward(batch, teacher_temp=sched["teacher_temp"])

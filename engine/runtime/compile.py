@@ -145,9 +145,16 @@ def _compile_kwargs(backend: str, cuda_graphs: bool) -> dict:
     return kwargs
 
 
-def check_compile_request(mode: str, device, cuda_graphs: bool = False) -> None:
+def check_compile_request(mode: str, device, cuda_graphs: bool = False, method: str = "simdino") -> None:
     if mode not in COMPILE_MODES:
         raise CompileConfigError(f"unknown runtime.compile={mode!r}; valid: {', '.join(COMPILE_MODES)}")
+    if mode == "full" and method == "dinov2":
+        # The DINOv2 patch-center update takes a Python float of the masked-patch count, which cannot
+        # be traced once that count is dynamic (it changes every batch). Until the meta-architecture
+        # computes it with tensor ops, only the blocks can be compiled for DINOv2.
+        raise CompileConfigError("runtime.compile=full is not available for objective.method=dinov2 yet "
+                                 "(its patch-center update is not traceable with a varying mask count); "
+                                 "use runtime.compile=block")
     if cuda_graphs and torch.device(device).type != "cuda":
         raise CompileConfigError(f"runtime.cuda_graphs=true needs a CUDA device; this run uses {device}")
     if cuda_graphs and mode == "none":
@@ -178,13 +185,26 @@ def compile_forward(model: nn.Module, backend: str = "inductor", cuda_graphs: bo
     model.forward = torch.compile(model.forward, **_compile_kwargs(backend, cuda_graphs))
 
 
+# Batch entries whose length changes from batch to batch: the masked-patch list of the v2 methods.
+VARIABLE_LENGTH_KEYS = ("mask_indices", "mask_weights")
+
+
+def mark_variable_lengths(batch) -> None:
+    """Tell dynamo that the masked-patch count varies, so a new count reuses the graph instead of
+    recompiling it (everything else in a batch has a fixed shape per crop size)."""
+    for key in VARIABLE_LENGTH_KEYS:
+        value = batch.get(key)
+        if torch.is_tensor(value) and value.ndim >= 1:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+
+
 def apply_compile(model: nn.Module, module: nn.Module, mode: str, device, backend: str = "inductor",
-                  cuda_graphs: bool = False) -> Callable:
+                  cuda_graphs: bool = False, method: str = "simdino") -> Callable:
     """Compile per `mode` and return the callable the trainer runs the forward with.
 
     `model` is the plain SSLMetaArch (compiled in place); `module` is what the forward is called on
     (the model itself or its distributed wrapper)."""
-    check_compile_request(mode, device, cuda_graphs)
+    check_compile_request(mode, device, cuda_graphs, method)
     if mode == "none":
         return module
     if mode == "block":
@@ -209,5 +229,6 @@ __all__ = [
     "compile_blocks",
     "compile_forward",
     "compile_stats",
+    "mark_variable_lengths",
     "reset_compiled_state",
 ]
