@@ -242,8 +242,51 @@ class ZeroPartitionEMA:
             self.teacher_master.append(init.detach().to(device=master.device, dtype=torch.float32).clone())
             self.teacher_part.append(t.ds_tensor.data.view(-1))
         self._updater = _ema_updater(kind, self.teacher_master, self.student_master)
-        self._persistent = [t for _, t, _ in pairs if getattr(t, "ds_persist", False)]
+        self._plan_persistent_gather([t for _, t, _ in pairs if getattr(t, "ds_persist", False)])
         self._write_teacher()
+
+    def _plan_persistent_gather(self, persistent) -> None:
+        """DeepSpeed keeps small parameters whole on every rank ("persistent") and will not re-gather
+        a parameter it considers available, so their whole copies are refreshed here: one
+        all-gather of all their partitions, then views into each parameter."""
+        self._p_send = self._p_recv = None
+        self._p_pieces, self._p_parts, self._p_params = [], [], persistent
+        if not persistent:
+            return
+        sizes = [t.ds_tensor.numel() for t in persistent]
+        total = sum(sizes)
+        t0 = persistent[0]
+        self._p_send = torch.empty(total, dtype=t0.ds_tensor.dtype, device=t0.ds_tensor.device)
+        self._p_recv = torch.empty(self.world * total, dtype=self._p_send.dtype, device=self._p_send.device)
+        self._p_parts = [t.ds_tensor.data.view(-1) for t in persistent]
+        self._p_send_views = []
+        offset = 0
+        for t, size in zip(persistent, sizes):
+            self._p_send_views.append(self._p_send[offset:offset + size])
+            pieces = []  # (start in the parameter, view of rank r's partition in the receive buffer)
+            for r in range(self.world):
+                start = r * size
+                n = min(size, t.ds_numel - start)
+                if n > 0:
+                    pieces.append((start, self._p_recv[r * total + offset:r * total + offset + n]))
+            self._p_pieces.append(pieces)
+            offset += size
+
+    def _refresh_persistent(self) -> None:
+        import torch.distributed as dist
+
+        torch._foreach_copy_(self._p_send_views, self._p_parts)
+        dist.all_gather_into_tensor(self._p_recv, self._p_send)
+        dst, src = [], []
+        for t, pieces in zip(self._p_params, self._p_pieces):
+            if t.data.numel() != t.ds_numel:  # not gathered right now: DeepSpeed gathers the new partitions
+                continue
+            flat = t.data.view(-1)
+            for start, piece in pieces:
+                dst.append(flat[start:start + piece.numel()])
+                src.append(piece)
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def _my_partition(self, full: torch.Tensor, size: int) -> torch.Tensor:
         part = torch.zeros(size, dtype=torch.float32)
@@ -256,8 +299,8 @@ class ZeroPartitionEMA:
     def _write_teacher(self) -> None:
         if self.teacher_part:
             torch._foreach_copy_(self.teacher_part, self.teacher_master)
-        if self._persistent:  # whole on every rank: refresh them from the new partitions
-            self._persistent[0].all_gather(param_list=self._persistent)
+        if self._p_send is not None:  # whole on every rank: refresh them from the new partitions
+            self._refresh_persistent()
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
