@@ -28,7 +28,7 @@ def _cfg(*overrides):
 @pytest.mark.parametrize("overrides, message", [
     (("runtime.zero_stage=0",), "use runtime.distributed=ddp"),
     (("runtime.zero_stage=2", "train.precision=fp16"), "bf16 or fp32"),
-    (("runtime.zero_stage=3", "runtime.compile=block"), "use runtime.zero_stage=2"),
+    (("runtime.zero_stage=3", "runtime.compile=block"), "Use runtime.zero_stage=2"),
 ])
 def test_deepspeed_requests_it_cannot_serve_are_refused(overrides, message):
     with pytest.raises(DistributedConfigError, match=message):
