@@ -47,3 +47,11 @@ def test_deepspeed_config_follows_the_run():
     assert ds["train_batch_size"] == 512 and ds["train_micro_batch_size_per_gpu"] == 64
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
     assert ds["gradient_clipping"] == 0.0  # spec clipping runs on the shards instead
+
+
+def test_crop_packing_request_is_refused_with_the_reason(tmp_path):
+    from flashdino.engine.runtime import PackingNotAvailableError, build_runtime
+
+    cfg = build_config("simdino_vits16", overrides=["runtime.pack_crops=true"])
+    with pytest.raises(PackingNotAvailableError, match="one backbone call per crop resolution"):
+        build_runtime(cfg, model=None, device=None, world_size=1)
