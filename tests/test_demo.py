@@ -47,12 +47,15 @@ def test_train_without_arguments_is_the_demo():
     assert cfg.model.img_size == cfg.crops.global_size == cfg.eval.eval_size == cfg.eval.resize_size == 28
 
 
-def test_demo_runs_end_to_end(fmnist_subset, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    code = cli_main(["train", "--output-dir", out, f"data.path={fmnist_subset}", "train.max_steps=3",
-                     "data.batch_size=32", "data.num_workers=0", "train.log_every=1"])
-    assert code == 0
-    printed = capsys.readouterr().out
+def test_demo_runs_end_to_end_and_is_reported(fmnist_subset, tmp_path):
+    """`flashdino train` in a child process (as a user runs it) through the results-file writer."""
+    from flashdino.engine.eval import demo_report
+
+    out, results = str(tmp_path / "run"), str(tmp_path / "results")
+    assert demo_report.main(["--output-dir", out, "--results", results, f"data.path={fmnist_subset}",
+                             "train.max_steps=3", "data.batch_size=32", "data.num_workers=0", "train.log_every=1"]) == 0
+    with open(os.path.join(out, "demo_stdout.txt")) as fh:
+        printed = fh.read()
     for text in ("flashdino run summary", "this run (teacher)", "same network, random init", "raw pixels",
                  "gain over random init", "attention_maps.png", "collapse"):
         assert text in printed, text
@@ -71,6 +74,16 @@ def test_demo_runs_end_to_end(fmnist_subset, tmp_path, capsys):
     assert [r["step"] for r in records if "total_loss" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "collapse/effective_rank" in r] == [1, 2, 3]
     assert os.path.isdir(os.path.join(out, "tensorboard"))
+    # the results file: what ran, where, how long, what it reached
+    reports = sorted(os.listdir(results))
+    assert len(reports) == 2 and reports[0].startswith("demo-cpu-") and reports[0].endswith(".json")
+    with open(os.path.join(results, reports[0])) as fh:
+        report = json.load(fh)
+    assert report["kind"] == "flashdino.demo" and report["meta"]["command"].startswith("flashdino train --output-dir")
+    assert report["wall_seconds"] > 0 and report["train"]["steps"] == 3
+    assert report["knn"]["top1_top5"]["trained"] == record["results"]["trained"]["knn"]["20"]
+    with open(os.path.join(results, reports[1])) as fh:
+        assert "| raw pixels |" in fh.read()
 
 
 def test_missing_fashion_mnist_names_the_install_command(tmp_path, monkeypatch, capsys):

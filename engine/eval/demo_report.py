@@ -1,12 +1,12 @@
 """Run the embedded default (``flashdino train``) as a user would, time it, and write a results file.
 
-    python -m flashdino.engine.eval.demo_report [--preset demo] [--results profiling/results] [key=value ...]
+    python -m flashdino.engine.eval.demo_report [--preset demo] [--results profiling/results/demo] [key=value ...]
 
 The training command runs in a child process exactly as printed in the report; wall time, the CPU
 time it used (all its processes) and the load average before and after (other processes sharing
 the machine slow a run down) are recorded beside the k-NN accuracies of the trained teacher and of
-the two same-run baselines (random init, raw pixels). Output: ``<results>/demo-<device>-<date>.json``
-and ``.md``, with the device, library versions and git commit (``flashdino.profiling.env``).
+the two same-run baselines (random init, raw pixels). Output: ``<results>/<preset>-<device>-<date>.json``
+(``"kind": "flashdino.demo"``) and ``.md``, with the device, library versions and git commit (``flashdino.profiling.env``).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
         "beats_raw_pixels": "raw_pixels" in acc and acc["trained"]["top1"] > acc["raw_pixels"]["top1"],
         "within_budget": None if budget is None else result["wall_seconds"] <= budget,
     }
-    record = {"meta": meta, "preset": preset, "wall_seconds": result["wall_seconds"],
+    record = {"kind": "flashdino.demo", "meta": meta, "preset": preset, "wall_seconds": result["wall_seconds"],
               "cpu_seconds": result["cpu_seconds"], "load_before": result["load_before"],
               "load_after": result["load_after"], "budget_seconds": budget, "verdict": verdict,
               "train": {k2: summary.get(k2) for k2 in ("steps", "epochs", "images_seen", "train_seconds",
@@ -123,7 +123,7 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--results", default="profiling/results", help="folder for the results files")
+    parser.add_argument("--results", default="profiling/results/demo", help="folder for the results files")
     parser.add_argument("--output-dir", help="the run's folder (default: runs/<preset>-report-<time>)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
