@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from flashdino.engine.models import attention as attn_mod
 from flashdino.engine.models.vit import VisionTransformer
 from flashdino.engine.runtime.attention_check import (AttentionKernelError, check_model_attention, classify_ops,
-                                                      probe_attention)
+                                                      flash_attn_kernels, probe_attention)
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -20,7 +20,11 @@ def test_operator_names_map_to_kernel_families():
     assert set(classify_ops(["aten::_scaled_dot_product_cudnn_attention"])) == {"cudnn"}
     assert set(classify_ops(["aten::_scaled_dot_product_efficient_attention"])) == {"efficient"}
     assert set(classify_ops(["flash_attn::_flash_attn_forward"])) == {"flash_attn"}
-    assert set(classify_ops(["void flash_fwd_kernel<Flash_fwd_kernel_traits<64>>"])) == {"flash_attn"}
+    assert set(classify_ops(["flash_attn_3::fwd"])) == {"flash_attn"}
+    # kernel names (old flash-attn without torch ops): the package's, never PyTorch's bundled copy
+    assert flash_attn_kernels(["void flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "ampere_sgemm",
+                               "void pytorch_flash::flash_fwd_kernel<X>"]) == [
+        "void flash_fwd_kernel<Flash_fwd_kernel_traits<64>>"]
     assert set(classify_ops(["aten::matmul", "aten::softmax", "aten::_softmax"])) == {"explicit_math"}
     # softmax next to a fused SDPA kernel is not the explicit path
     assert set(classify_ops(["aten::softmax", "aten::_scaled_dot_product_attention_math"])) == {"sdpa_math"}

@@ -151,3 +151,18 @@ def test_inductor_block_compile_on_cpu_matches_eager(tmp_path, monkeypatch):
     assert compiled.compile_report.graph_breaks == 0 and compiled.recompiles_after_warmup == 0
     for a, b in zip(ref, got):
         assert b["total_loss"] == pytest.approx(a["total_loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_block_compile_matches_eager_on_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "inductor")
+    common = ("model.drop_path_rate=0", "train.seed=5", "train.device=cuda")
+    eager = make_trainer(tmp_path / "eager", "simdino_vits16", *common)
+    graphs = make_trainer(tmp_path / "graphs", "simdino_vits16", "runtime.compile=block", "runtime.cuda_graphs=true",
+                          *common)
+    data = batches(eager, 3)
+    ref = run_steps(eager, data, strict_after_first=False)
+    got = run_steps(graphs, data)
+    assert graphs.compile_report.graph_breaks == 0 and graphs.recompiles_after_warmup == 0
+    for a, b in zip(ref, got):
+        assert b["total_loss"] == pytest.approx(a["total_loss"], rel=1e-4, abs=1e-5)

@@ -122,6 +122,9 @@ def job_zero_ema(rank, folder):
     # the production precision: bf16 parameters, fp32 masters and teacher
     out["zero3_bf16"] = _ema_run(os.path.join(folder, "z3bf16"), "runtime.distributed=deepspeed",
                                  "runtime.zero_stage=3", "train.precision=bf16")
+    # the Triton EMA kernel on the shards (interpreted on the CPU)
+    out["zero2_triton_ema"] = _ema_run(os.path.join(folder, "z2triton"), "runtime.distributed=deepspeed",
+                                       "runtime.zero_stage=2", "runtime.kernels.ema=triton", *common, steps=2)
     return out
 
 
@@ -222,7 +225,10 @@ def test_zero_stages_teacher_ema_equals_unsharded_ema(tmp_path):
     res = run_on_two_ranks("zero_ema", tmp_path)
     for rank_out in res:
         for name, run in rank_out.items():
-            assert run["ema_err"] == 0.0, f"{name}: sharded EMA differs from the unsharded EMA by {run['ema_err']}"
+            # torch's lerp on the shards is bit-identical to lerp on whole tensors; the Triton kernel
+            # may round its fused multiply-add differently (<= 1 ulp of the O(0.1) weights).
+            tol = 1e-7 if "triton" in name else 0.0
+            assert run["ema_err"] <= tol, f"{name}: sharded EMA differs from the unsharded EMA by {run['ema_err']}"
             assert run["copy_err"] == 0.0, f"{name}: the forward's teacher copy is not the rounded master"
         ddp = rank_out["ddp"]
         assert ddp["runtime"] == "ddp"

@@ -3,7 +3,8 @@
 PyTorch's SDPA silently picks among FlashAttention, cuDNN, memory-efficient and math kernels, and a
 package import can quietly fail; a run that believes it uses FlashAttention while it runs the math
 path loses most of its speed. This module runs one attention call of the model's real geometry
-(heads, head dim, token count, device, dtype) under the profiler and reads which operators ran.
+(heads, head dim, token count, device, dtype), records the operators it dispatches (and, on a GPU,
+the kernels the profiler sees) and checks them against the request.
 
 | requested     | accepted kernels                                              |
 |---------------|---------------------------------------------------------------|
@@ -33,6 +34,8 @@ SDPA_OPS: Dict[str, str] = {
 }
 EXPLICIT_MATH = "explicit_math"
 FLASH_ATTN = "flash_attn"
+# Operator namespaces of the flash-attn packages (FlashAttention-2 >= 2.6 and -3 register torch ops).
+FLASH_ATTN_NAMESPACES = ("flash_attn", "flash_attn_3", "flash_attn_interface")
 
 ACCEPTED = {
     "flash": {"flash"},
@@ -68,8 +71,7 @@ def classify_ops(names: Sequence[str]) -> Dict[str, List[str]]:
     softmax = False
     for name in sorted(set(names)):
         family = SDPA_OPS.get(name)
-        lowered = name.lower()
-        if family is None and ("flash_attn" in lowered or "flash_fwd" in lowered or "flashattn" in lowered):
+        if family is None and name.split("::")[0] in FLASH_ATTN_NAMESPACES:
             family = FLASH_ATTN
         if family is not None:
             found.setdefault(family, []).append(name)
@@ -81,17 +83,48 @@ def classify_ops(names: Sequence[str]) -> Dict[str, List[str]]:
     return found
 
 
-def _profile_names(fn) -> List[str]:
+def _dispatched_ops(fn) -> List[str]:
+    """Names ("ns::op") of every operator `fn` dispatches, recorded with a dispatch mode (cheap, and
+    it sees custom operators such as flash-attn's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: List[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with _Recorder() as recorder:
+        fn()
+    return recorder.names
+
+
+def flash_attn_kernels(kernel_names: Sequence[str]) -> List[str]:
+    """flash-attn package kernels among profiler kernel names. Older flash-attn releases launch their
+    kernels without a torch operator, so only the kernel name shows them; PyTorch's own bundled
+    FlashAttention kernels (namespace ``pytorch_flash``) are not the package."""
+    return sorted({k for k in kernel_names if "flash_fwd" in k and "pytorch_flash" not in k})
+
+
+def _cuda_kernel_names(fn) -> List[str]:
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
     return [e.name for e in prof.events()]
+
+
+def _ran_families(fn, device: torch.device, backend: str) -> Dict[str, List[str]]:
+    families = classify_ops(_dispatched_ops(fn))
+    if backend == "flash_attn" and not families and device.type == "cuda":
+        kernels = flash_attn_kernels(_cuda_kernel_names(fn))
+        if kernels:
+            families[FLASH_ATTN] = kernels
+    return families
 
 
 def probe_attention(backend: str, num_heads: int, head_dim: int, tokens: int, device, dtype: torch.dtype,
@@ -114,7 +147,7 @@ def probe_attention(backend: str, num_heads: int, head_dim: int, tokens: int, de
             out = scaled_dot_product(q, k, v, backend)
         out.float().sum().backward()
 
-    families = classify_ops(_profile_names(call))
+    families = _ran_families(call, device, backend)
     run_dtype = autocast_dtype if (autocast_dtype and dtype == torch.float32) else dtype
     report = AttentionKernelReport(
         requested=backend,
@@ -150,4 +183,5 @@ def check_model_attention(backbone: torch.nn.Module, tokens: int, device, autoca
                            autocast_dtype=autocast_dtype, strict=strict)
 
 
-__all__ = ["AttentionKernelError", "AttentionKernelReport", "check_model_attention", "classify_ops", "probe_attention"]
+__all__ = ["AttentionKernelError", "AttentionKernelReport", "check_model_attention", "classify_ops", "flash_attn_kernels",
+           "probe_attention"]
