@@ -1,9 +1,13 @@
 """The training loop. Read `Trainer.train_step` first: it is the whole algorithm (spec 2.6, 3.7).
 
+How the step runs is the runtime's business (``engine/runtime``): plain, DDP or DeepSpeed ZeRO-1/2/3
+for the optimizer, gradients and the teacher EMA, and torch.compile for the forward; the loop below
+reads the same whichever is used.
+
 Exact resume: everything a step depends on is either saved in the checkpoint (weights, teacher,
-optimizer and scaler state, DINO centers, RNG states, step, epoch and position in the epoch) or is
-a pure function of (seed, epoch, index) (data order, crops, masks), so 3 steps + resume + 3 steps
-equal 6 steps straight, bit for bit.
+optimizer and scaler state or the DeepSpeed shards it names, DINO centers, every rank's RNG state,
+step, epoch and position in the epoch) or is a pure function of (seed, epoch, index) (data order,
+crops, masks), so 3 steps + resume + 3 steps equal 6 steps straight, bit for bit.
 """
 from __future__ import annotations
 
