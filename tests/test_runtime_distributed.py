@@ -40,8 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, port, job, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+def _entry(rank, port, job, folder, world=WORLD):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
@@ -52,9 +52,9 @@ def _entry(rank, port, job, folder):
             dist.destroy_process_group()
 
 
-def run_on_two_ranks(job, folder):
-    mp.spawn(_entry, args=(_free_port(), job, str(folder)), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(folder, f"{job}_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+def run_on_two_ranks(job, folder, world=WORLD):
+    mp.spawn(_entry, args=(_free_port(), job, str(folder), world), nprocs=world, join=True)
+    return [torch.load(os.path.join(folder, f"{job}_rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +207,18 @@ def job_global_batch(rank, folder):
     return out
 
 
-JOBS = {"zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch}
+def job_single_process_zero(rank, folder):
+    """DeepSpeed in one process (it makes its own process group): ZeRO-2 and -3 equal the plain runtime."""
+    common = ("train.precision=fp32", "model.drop_path_rate=0")
+    out = {"local": _ema_run(os.path.join(folder, "local"), "runtime.distributed=none", *common, steps=2)}
+    for stage in (2, 3):
+        out[f"zero{stage}"] = _ema_run(os.path.join(folder, f"z{stage}"), "runtime.distributed=deepspeed",
+                                       f"runtime.zero_stage={stage}", *common, steps=2)
+    return out
+
+
+JOBS = {"zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
+        "single_process_zero": job_single_process_zero}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +265,15 @@ def test_checkpoints_resume_bit_exactly_under_ddp_and_each_zero_stage(tmp_path):
                 _assert_weights_close(resumed, straight, 0, 0, f"{name} {part} after resume")
             if run["shard_tags"] is not None:  # only the shards of the kept checkpoints remain
                 assert [t for t in run["shard_tags"] if t.startswith("step")] == ["step4"], run["shard_tags"]
+
+
+def test_deepspeed_in_a_single_process_equals_the_plain_runtime(tmp_path):
+    (out,) = run_on_two_ranks("single_process_zero", tmp_path, world=1)
+    for stage in (2, 3):
+        run = out[f"zero{stage}"]
+        assert run["runtime"] == "deepspeed" and run["ema_err"] == 0.0 and run["copy_err"] == 0.0
+        _assert_weights_close(run["student"], out["local"]["student"], 1e-6, 1e-8, f"ZeRO-{stage} student")
+        _assert_weights_close(run["teacher"], out["local"]["teacher"], 1e-6, 1e-8, f"ZeRO-{stage} teacher")
 
 
 def _single_process(tmp_path, name, *overrides):
