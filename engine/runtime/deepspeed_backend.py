@@ -131,6 +131,7 @@ class ShardedGradClipper:
         self.stage = stage
         self.params = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
         self.module_index = torch.tensor([0 if name.startswith("backbone.") else 1 for name, _ in self.params])
+        self._index_cache = {}  # (device, present positions) -> index tensor on that device
 
     def _local_grads(self) -> List[Optional[torch.Tensor]]:
         if self.stage == 3:
@@ -157,9 +158,9 @@ class ShardedGradClipper:
         sq = torch.zeros(len(self.params), dtype=torch.float32, device=device)
         if present:
             norms = torch._foreach_norm([grads[i].float() for i in present])
-            sq[torch.tensor(present, device=device)] = torch.stack(norms).to(device) ** 2
+            sq[self._on_device(device, tuple(present))] = torch.stack(norms).to(device) ** 2
         dist.all_reduce(sq)
-        module_index = self.module_index.to(device)
+        module_index = self._on_device(device, None)
         module_sq = torch.zeros(2, dtype=torch.float32, device=device).index_add_(0, module_index, sq)
         module_norm = module_sq.sqrt()
         if mode == "per_param":
@@ -168,6 +169,14 @@ class ShardedGradClipper:
             scales = torch.clamp(max_norm / (module_norm + 1e-6), max=1.0)[module_index]
         self._apply(grads, present, scales)
         return {"grad_norm_backbone": module_norm[0], "grad_norm_head": module_norm[1]}
+
+    def _on_device(self, device, present):
+        """Index tensors reused across steps (no host-to-device copy per step)."""
+        key = (str(device), present)
+        if key not in self._index_cache:
+            value = self.module_index if present is None else torch.tensor(present)
+            self._index_cache[key] = value.to(device)
+        return self._index_cache[key]
 
     def _apply(self, grads, present, scales) -> None:
         if not present:
