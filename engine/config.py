@@ -161,22 +161,25 @@ class TrainConfig:
 
 @dataclass
 class KernelConfig:
-    ema: str = field(default="eager", metadata={"choices": ("eager", "triton")})
-    centering: str = field(default="eager", metadata={"choices": ("eager", "triton")})
-    coding_rate: str = field(default="eager", metadata={"choices": ("eager", "triton")})
+    # "auto": the Triton kernel on a GPU, the eager reference on a CPU (engine/runtime/auto.py)
+    ema: str = field(default="auto", metadata={"choices": ("auto", "eager", "triton")})
+    centering: str = field(default="auto", metadata={"choices": ("auto", "eager", "triton")})
+    coding_rate: str = field(default="auto", metadata={"choices": ("auto", "eager", "triton")})
+    # "fused_adamw_ema": AdamW of the student and the teacher EMA in one Triton pass (kernels.FusedAdamWEMA)
+    optimizer: str = field(default="torch", metadata={"choices": ("torch", "fused_adamw_ema")})
 
 
 @dataclass
 class RuntimeConfig:
     attention: str = field(default="sdpa", metadata={"choices": ("sdpa", "flash", "cudnn", "math", "flash_attn")})
-    # "none": eager; "block": per-block (regional) torch.compile; "full": the whole step.
-    compile: str = field(default="none", metadata={"choices": ("none", "block", "full")})
+    # "none": eager; "block": per-block (regional) torch.compile; "full": the whole step;
+    # "auto": block on a GPU, none on a CPU (engine/runtime/auto.py)
+    compile: str = field(default="auto", metadata={"choices": ("auto", "none", "block", "full")})
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: graph capture without codegen)
     cuda_graphs: bool = False
     kernels: KernelConfig = field(default_factory=KernelConfig)
     distributed: str = field(default="auto", metadata={"choices": ("auto", "none", "ddp", "deepspeed")})
     zero_stage: int = field(default=0, metadata={"choices": (0, 1, 2, 3)})
-    # Pack the token-wise layers of all crops into one call (DINOv3-style) instead of per resolution.
-    pack_crops: bool = False
 
 
 @dataclass

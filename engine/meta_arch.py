@@ -179,9 +179,12 @@ class SSLMetaArch(nn.Module):
         self.center.copy_(O.update_center(self.center, t_cls, o.center_momentum))
         # Patch center: mean of each rank's masked rows, averaged over the ranks that have any
         # (spec 4.2). Every rank joins the all-reduce, even with no masked patch, or it would hang.
-        has_rows = float(t_patch.shape[0] > 0)
-        local_mean = t_patch.sum(0) / max(t_patch.shape[0], 1)
-        stats = torch.cat([local_mean, local_mean.new_full((1,), has_rows)])
+        # Tensor ops only (no Python number from the masked-patch count): the count changes every
+        # batch, and a compiled step must not specialize on it.
+        count = t_patch.new_ones(t_patch.shape[0]).sum(0, keepdim=True)
+        has_rows = (count > 0).to(t_patch.dtype)
+        local_mean = t_patch.sum(0) / count.clamp(min=1.0)
+        stats = torch.cat([local_mean, has_rows])
         all_reduce_sum_(stats)
         ranks_with_rows = stats[-1]
         mean = (stats[:-1] / ranks_with_rows.clamp(min=1.0)).reshape(self.patch_center.shape)
@@ -196,12 +199,16 @@ class _LossImpl:
     def __init__(self, cfg):
         from flashdino import kernels
 
+        # The trainer resolves "auto" for its device first (runtime/auto.py); a model built straight
+        # from an unresolved config (evaluation, export, tests) uses the eager losses.
         k = cfg.runtime.kernels
-        self.simdino_loss = kernels.get_simdino_loss(k.coding_rate)
-        self.coding_rate = kernels.get_coding_rate(k.coding_rate)
-        self.dino_loss = kernels.get_dino_centering(k.centering)
-        self.dino_cross_entropy = kernels.get_dino_cross_entropy(k.centering)
-        self.sinkhorn = kernels.get_sinkhorn(k.centering)
+        coding_rate = "eager" if k.coding_rate == "auto" else k.coding_rate
+        centering = "eager" if k.centering == "auto" else k.centering
+        self.simdino_loss = kernels.get_simdino_loss(coding_rate)
+        self.coding_rate = kernels.get_coding_rate(coding_rate)
+        self.dino_loss = kernels.get_dino_centering(centering)
+        self.dino_cross_entropy = kernels.get_dino_cross_entropy(centering)
+        self.sinkhorn = kernels.get_sinkhorn(centering)
 
     def simdino(self, s, t, n_crops, o):
         return self.simdino_loss(s.float(), t.float(), n_crops, eps=o.eps, coeff=o.coeff, expa_type=o.expa_type,

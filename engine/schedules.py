@@ -34,8 +34,9 @@ class CosineSchedule:
         w, t = self.warmup_iters, self.total_iters
         if i < w:
             if self.style == "v1":
-                # np.linspace(start, peak, w): reaches peak on the last warmup iteration.
-                return self.start + (self.peak - self.start) * (i / (w - 1) if w > 1 else 1.0)
+                # np.linspace(start, peak, w): reaches peak on the last warmup iteration
+                # (with w == 1 the single value is `start`, as np.linspace gives).
+                return self.start + (self.peak - self.start) * (i / (w - 1) if w > 1 else 0.0)
             return self.start + (self.peak - self.start) * i / w
         if i >= t:
             return self.final
@@ -69,7 +70,7 @@ class PerEpochLinear:
         epoch = i // self.iters_per_epoch
         w = self.warmup_epochs
         if epoch < w:
-            return self.start + (self.end - self.start) * (epoch / (w - 1) if w > 1 else 1.0)
+            return self.start + (self.end - self.start) * (epoch / (w - 1) if w > 1 else 0.0)
         return self.end
 
 

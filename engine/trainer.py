@@ -32,6 +32,7 @@ from .optim import apply_schedule
 from .runtime import build_runtime
 from .runtime.attention_check import check_model_attention
 from .runtime.compile import CompileMonitor, apply_compile, mark_variable_lengths
+from .runtime.auto import resolve_auto
 from .schedules import build_schedules
 from flashdino.profiling.ranges import phase
 
@@ -62,11 +63,11 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Optional[List[Any]] = None):
-        self.cfg = cfg
         self.callbacks = list(callbacks or [])
         init_from_env()
         self.rank, self.world_size = get_rank(), get_world_size()
         self.device = resolve_device(cfg.train.device)
+        self.cfg = cfg = resolve_auto(cfg, self.device)
         self._seed_everything(cfg.train.seed + self.rank)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -78,7 +79,7 @@ class Trainer:
         self.runtime = build_runtime(cfg, self.model, self.device, self.world_size)
         self.optimizer = self.runtime.optimizer
         self.forward = apply_compile(self.model, self.runtime.module, cfg.runtime.compile, self.device,
-                                     backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"),
+                                     backend=os.environ.get(COMPILE_BACKEND_ENV, cfg.runtime.compile_backend),
                                      cuda_graphs=cfg.runtime.cuda_graphs, method=cfg.objective.method)
         self.compile_monitor = CompileMonitor() if cfg.runtime.compile != "none" else None
         self.compile_report = None  # CompileStats of the warm-up step, once it ran
@@ -99,7 +100,7 @@ class Trainer:
                 f"{self.world_size} ranks. Lower data.batch_size or add images."
             )
         self.schedules = build_schedules(cfg, iters, self.world_size)
-        self.guard = FiniteGuard()
+        self.guard = FiniteGuard(self.device)
         self.output_dir = cfg.train.output_dir
         if cfg.train.resume:
             self._maybe_resume()
@@ -248,7 +249,10 @@ class Trainer:
             mark_variable_lengths(batch)
         # teacher forward, student forward and the loss (phases marked inside the model)
         with self.runtime.autocast():
-            losses = self.forward(batch, teacher_temp=sched["teacher_temp"])
+            # A 0-d CPU tensor, not a float: a compiled step would otherwise recompile when the
+            # teacher-temperature warmup changes the value.
+            teacher_temp = torch.tensor(sched["teacher_temp"], dtype=torch.float32)
+            losses = self.forward(batch, teacher_temp=teacher_temp)
         self.guard.record(i, losses)
 
         with phase("backward"):

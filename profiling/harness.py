@@ -37,7 +37,7 @@ REFERENCE_SETTINGS: Dict[str, Any] = {
     "runtime.attention": "math",
     "runtime.distributed": "none",
     "runtime.cuda_graphs": False,
-    "runtime.pack_crops": False,
+    "runtime.kernels.optimizer": "torch",
     "runtime.zero_stage": 0,
 }
 REQUIRED_REFERENCE_KEYS = ("runtime.compile", "runtime.kernels.ema", "runtime.kernels.centering",

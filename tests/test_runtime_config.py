@@ -1,5 +1,6 @@
 """Runtime selection and the requests the runtimes refuse, each with a message naming the fix."""
 import pytest
+import torch
 
 from flashdino.engine.config import build_config
 from flashdino.engine.runtime import DistributedConfigError, resolve_runtime
@@ -49,9 +50,20 @@ def test_deepspeed_config_follows_the_run():
     assert ds["gradient_clipping"] == 0.0  # spec clipping runs on the shards instead
 
 
-def test_crop_packing_request_is_refused_with_the_reason(tmp_path):
-    from flashdino.engine.runtime import PackingNotAvailableError, build_runtime
+def test_auto_runtime_is_eager_on_cpu_and_fast_on_gpu():
+    from flashdino.engine.runtime.auto import resolve_auto
 
-    cfg = build_config("simdino_vits16", overrides=["runtime.pack_crops=true"])
-    with pytest.raises(PackingNotAvailableError, match="one backbone call per crop resolution"):
-        build_runtime(cfg, model=None, device=None, world_size=1)
+    cfg = build_config("simdino_vitb16")
+    assert cfg.runtime.compile == "auto" and cfg.runtime.kernels.coding_rate == "auto"
+    cpu = resolve_auto(cfg, torch.device("cpu"))
+    assert cpu.runtime.compile == "none" and {cpu.runtime.kernels.ema, cpu.runtime.kernels.centering,
+                                              cpu.runtime.kernels.coding_rate} == {"eager"}
+    gpu = resolve_auto(cfg, torch.device("cuda", 0))
+    assert gpu.runtime.compile == "block" and {gpu.runtime.kernels.ema, gpu.runtime.kernels.centering,
+                                               gpu.runtime.kernels.coding_rate} == {"triton"}
+    zero3 = build_config("simdinov2_vitb16", overrides=["runtime.distributed=deepspeed", "runtime.zero_stage=3"])
+    assert resolve_auto(zero3, torch.device("cuda", 0)).runtime.compile == "none"
+    explicit = build_config("simdino_vitb16", overrides=["runtime.compile=full", "runtime.kernels.ema=eager"])
+    resolved = resolve_auto(explicit, torch.device("cuda", 0))
+    assert resolved.runtime.compile == "full" and resolved.runtime.kernels.ema == "eager"
+    assert cfg.runtime.compile == "auto"  # the caller's config is not modified

@@ -71,3 +71,12 @@ def test_build_schedules_from_presets():
     d = build_schedules(build_config("dinov2_vitb16"), iters_per_epoch=100, world_size=1)
     assert d.last_layer_lr(99) == 0.0 and d.last_layer_lr(100) > 0.0
     assert d.teacher_temp(0) == 0.04 and d.teacher_temp(3000) == pytest.approx(0.07)
+
+
+def test_single_warmup_step_is_start_like_np_linspace():
+    """np.linspace(a, b, 1) == [a]: a one-iteration (or one-epoch) warmup holds the start value."""
+    assert np.linspace(0.04, 0.07, 1).tolist() == [0.04]
+    assert PerEpochLinear(0.04, 0.07, 1, 10)(5) == 0.04 and PerEpochLinear(0.04, 0.07, 1, 10)(10) == 0.07
+    s = CosineSchedule(1e-3, 1e-6, 10, 1, 0.0, "v1")
+    ref = _v1_reference(1e-3, 1e-6, 10, 1, 1)
+    np.testing.assert_allclose([s(i) for i in range(10)], ref, rtol=1e-13, atol=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from flashdino.engine.config import build_config
@@ -24,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the embedded Fashion-MNIST)")
     parser.add_argument("--output-dir", help="where checkpoints, metrics and plots go (train.output_dir)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.base_lr=0.001")
+    # The deepspeed launcher appends --local_rank=N; the rank itself comes from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def config_from_args(args) -> "Config":
@@ -37,6 +40,8 @@ def config_from_args(args) -> "Config":
 
 
 def main(args) -> int:
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = config_from_args(args)
     from flashdino.engine.trainer import Trainer
     from flashdino.engine.run_hooks import default_callbacks

@@ -44,6 +44,15 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+_RATE_SCALE = 2 ** 30
+
+
+def _drop_path_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """:func:`drop_path` with the keep probability as a 0-d tensor (one compiled graph for any rate)."""
+    mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+    return x * mask / keep.to(x.dtype)
+
+
 class DropPath(nn.Module):
     """Module wrapper of :func:`drop_path`; every call draws a fresh mask."""
 
@@ -157,7 +166,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = float(drop_path)
+        self._has_drop_path = self.drop_path > 0.0
         self.drop_mode = drop_mode
+        # The per-sample path reads its rate from a buffer, not from the Python float: torch.compile
+        # specializes on float attributes, which would give one graph per block (rates rise with
+        # depth in v1). An integer buffer (parts per 2**30) is untouched by .half()/.to(bf16).
+        self.register_buffer("_drop_rate_fixed", torch.tensor(round(self.drop_path * _RATE_SCALE), dtype=torch.int64),
+                             persistent=False)
 
     def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls1(self.attn(self.norm1(x)))
@@ -166,15 +181,16 @@ class Block(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rate = self.drop_path
-        if not (self.training and rate > 0.0):
+        if not (self.training and self._has_drop_path):
             x = x + self._attn_branch(x)
             return x + self._mlp_branch(x)
         if self.drop_mode == "batch_subset":
-            x = batch_subset_residual(x, self._attn_branch, rate)
-            return batch_subset_residual(x, self._mlp_branch, rate)
-        x = x + drop_path(self._attn_branch(x), rate, True)
-        return x + drop_path(self._mlp_branch(x), rate, True)
+            # The kept count is a shape, so this path needs the Python rate (v2 rates are uniform).
+            x = batch_subset_residual(x, self._attn_branch, self.drop_path)
+            return batch_subset_residual(x, self._mlp_branch, self.drop_path)
+        keep = 1.0 - self._drop_rate_fixed.to(torch.float32) / _RATE_SCALE
+        x = x + _drop_path_keep(self._attn_branch(x), keep)
+        return x + _drop_path_keep(self._mlp_branch(x), keep)
 
     def extra_repr(self) -> str:
         return f"drop_path={self.drop_path}, drop_mode={self.drop_mode!r}"

@@ -23,7 +23,9 @@ def softmax_center_teacher(teacher_logits: torch.Tensor, center: torch.Tensor, t
     fn = "softmax_center_teacher"
     check_2d("teacher_logits", fn, teacher_logits)
     _check_center(fn, center, teacher_logits.shape[1])
-    if not teacher_temp > 0:
+    # Skipped while compiling: a Python comparison on the value would make dynamo specialize on it
+    # (one recompile per temperature of the warmup schedule).
+    if not torch.compiler.is_compiling() and not teacher_temp > 0:
         raise ValueError(f"{fn}: 'teacher_temp' must be > 0, got {teacher_temp!r}")
     with full_precision(teacher_logits):
         dtype = compute_dtype(teacher_logits, center)

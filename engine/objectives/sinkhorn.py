@@ -41,7 +41,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     """
     fn = "sinkhorn_knopp"
     check_2d("teacher_logits", fn, teacher_logits)
-    if not teacher_temp > 0:
+    # Skipped while compiling: a Python comparison on the value would make dynamo specialize on it
+    # (one recompile per temperature of the warmup schedule).
+    if not torch.compiler.is_compiling() and not teacher_temp > 0:
         raise ValueError(f"{fn}: 'teacher_temp' must be > 0, got {teacher_temp!r}")
     if not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"{fn}: 'n_iterations' must be an int >= 1, got {n_iterations!r}")

@@ -148,13 +148,6 @@ def _compile_kwargs(backend: str, cuda_graphs: bool) -> dict:
 def check_compile_request(mode: str, device, cuda_graphs: bool = False, method: str = "simdino") -> None:
     if mode not in COMPILE_MODES:
         raise CompileConfigError(f"unknown runtime.compile={mode!r}; valid: {', '.join(COMPILE_MODES)}")
-    if mode == "full" and method == "dinov2":
-        # The DINOv2 patch-center update takes a Python float of the masked-patch count, which cannot
-        # be traced once that count is dynamic (it changes every batch). Until the meta-architecture
-        # computes it with tensor ops, only the blocks can be compiled for DINOv2.
-        raise CompileConfigError("runtime.compile=full is not available for objective.method=dinov2 yet "
-                                 "(its patch-center update is not traceable with a varying mask count); "
-                                 "use runtime.compile=block")
     if cuda_graphs and torch.device(device).type != "cuda":
         raise CompileConfigError(f"runtime.cuda_graphs=true needs a CUDA device; this run uses {device}")
     if cuda_graphs and mode == "none":

@@ -78,6 +78,12 @@ def check_deepspeed_request(cfg) -> None:
             "DINO's first-epoch prototype freeze drops whole parameters from the optimizer step, which ZeRO's flat "
             "shards cannot express; set objective.freeze_last_layer_epochs=0 or use runtime.distributed=ddp"
         )
+    if cfg.runtime.kernels.optimizer != "torch":
+        raise DistributedConfigError(
+            f"runtime.kernels.optimizer={cfg.runtime.kernels.optimizer} under DeepSpeed: ZeRO owns the optimizer "
+            "step on its flat shards (the sharded EMA already runs the Triton kernel with runtime.kernels.ema=triton); "
+            "set runtime.kernels.optimizer=torch"
+        )
     if cfg.runtime.zero_stage == 3 and cfg.runtime.compile != "none":
         raise DistributedConfigError(
             f"runtime.compile={cfg.runtime.compile} with runtime.zero_stage=3: ZeRO-3 gathers parameters in hooks "

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from flashdino.engine.ema import build_ema
+from flashdino.engine.ema import build_ema, paired_parameters
 from flashdino.engine.optim import build_optimizer, build_param_groups, clip_per_module, clip_per_parameter, drop_last_layer_grads
 
 from .ddp import wrap_ddp
@@ -36,6 +36,16 @@ def clip_gradients(cfg, student) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _build_fused_adamw_ema(cfg, param_groups, model):
+    from flashdino.kernels import FusedAdamWEMA
+
+    teacher, student = paired_parameters(model.teacher, model.student)
+    teacher_of = {s: t for s, t in zip(student, teacher)}
+    o = cfg.optim
+    return FusedAdamWEMA(param_groups, teacher_of, lr=0.0, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=0.0,
+                         kind="triton")
+
+
 class LocalRuntime:
     """Single process (``name`` "local") or DistributedDataParallel (``name`` "ddp")."""
 
@@ -44,8 +54,15 @@ class LocalRuntime:
         self.name = "ddp" if distributed else "local"
         student = model.student
         self.param_groups = build_param_groups(cfg, student["backbone"], student["head"])
-        self.optimizer = build_optimizer(cfg, self.param_groups)
-        self.ema = build_ema(cfg.runtime.kernels.ema, model.teacher, model.student)
+        # runtime.kernels.optimizer=fused_adamw_ema: one Triton pass does AdamW and the teacher EMA,
+        # so the EMA happens inside the optimizer step (ema_update) instead of after it.
+        self.fused_adamw_ema = cfg.runtime.kernels.optimizer == "fused_adamw_ema"
+        if self.fused_adamw_ema:
+            self.optimizer = _build_fused_adamw_ema(cfg, self.param_groups, model)
+            self.ema = None
+        else:
+            self.optimizer = build_optimizer(cfg, self.param_groups)
+            self.ema = build_ema(cfg.runtime.kernels.ema, model.teacher, model.student)
         self.amp_dtype = AUTOCAST_DTYPES.get(cfg.train.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.module = wrap_ddp(model, device) if distributed else model
@@ -69,12 +86,18 @@ class LocalRuntime:
         norms = clip_gradients(self.cfg, self.model.student)
         if freeze_last_layer:
             drop_last_layer_grads(self.model.student)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if not self.fused_adamw_ema:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return norms
 
     def ema_update(self, momentum: float) -> None:
-        self.ema.update(momentum)
+        if self.fused_adamw_ema:
+            # AdamW + EMA in one pass. A step the GradScaler skips (inf gradients) skips the EMA too.
+            self.scaler.step(self.optimizer, momentum)
+            self.scaler.update()
+        else:
+            self.ema.update(momentum)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:

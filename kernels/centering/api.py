@@ -40,6 +40,7 @@ def dino_loss_fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     mean is all-reduced over the process group (SUM of row sums and row counts).
     """
     fn = "dino_loss"
+    teacher_temp = float(teacher_temp)  # Triton takes a scalar; the trainer may pass a 0-d CPU tensor
     batch, n_protos = _check_views(fn, student_logits, teacher_logits, n_crops, "teacher_logits")
     if not isinstance(center, torch.Tensor) or center.numel() != n_protos or center.shape[-1] != n_protos:
         raise ValueError(f"{fn}: 'center' must have shape (K,) or (1, K) with K={n_protos} prototypes, got "

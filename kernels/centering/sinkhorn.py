@@ -132,6 +132,7 @@ def sinkhorn_knopp_fused(teacher_logits: torch.Tensor, teacher_temp: float, n_it
     """Balanced soft assignments (rows, K) -> (rows, K), fp32; same semantics as the eager
     ``sinkhorn_knopp`` (distributed-aware: every rank must call it)."""
     fn = "sinkhorn_knopp"
+    teacher_temp = float(teacher_temp)  # Triton takes a scalar; the trainer may pass a 0-d CPU tensor
     u = teacher_logits
     if not isinstance(u, torch.Tensor) or u.dim() != 2 or not u.is_floating_point():
         raise ValueError(f"{fn}: 'teacher_logits' must be a 2-D floating-point tensor (rows, K), got "

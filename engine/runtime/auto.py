@@ -1,0 +1,28 @@
+"""Resolve ``auto`` runtime settings for the device a run lands on.
+
+``runtime.compile=auto`` and ``runtime.kernels.{ema,centering,coding_rate}=auto`` (the defaults)
+mean the fast path on a GPU (per-block torch.compile, the Triton kernels) and the plain eager
+reference on a CPU, where Triton only runs in its slow interpreter and inductor's C++ compile
+costs more than it saves for the small models people run there. ZeRO-3 cannot be compiled.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+KERNEL_KEYS = ("ema", "centering", "coding_rate")
+
+
+def resolve_auto(cfg, device: torch.device):
+    """A copy of `cfg` with every ``auto`` runtime value replaced by a concrete choice."""
+    cfg = copy.deepcopy(cfg)
+    on_gpu = torch.device(device).type == "cuda"
+    r = cfg.runtime
+    if r.compile == "auto":
+        zero3 = r.distributed == "deepspeed" and r.zero_stage == 3
+        r.compile = "block" if on_gpu and not zero3 else "none"
+    for key in KERNEL_KEYS:
+        if getattr(r.kernels, key) == "auto":
+            setattr(r.kernels, key, "triton" if on_gpu else "eager")
+    return cfg
