@@ -102,7 +102,12 @@ def harness_config(cfg: Config, data: str = "synthetic", scratch_dir: Optional[s
         set_value(out, "data.synthetic_size", n)
         set_value(out, "data.num_workers", 0)
         set_value(out, "data.pipeline", "torchvision")
-    return out
+    # "auto" runtime values become what this device would run, so reports show concrete settings
+    # and the engine-vs-reference differences are the real ones.
+    from flashdino.engine.runtime.auto import resolve_auto
+    from flashdino.engine.trainer import resolve_device
+
+    return resolve_auto(out, resolve_device(out.train.device))
 
 
 def reference_config(cfg: Config) -> Tuple[Config, List[str]]:
