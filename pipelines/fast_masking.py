@@ -20,16 +20,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .masking import MAX_BLOCK_ATTEMPTS, mask_indices_and_weights, mask_ratio_edges
+from .masking import MAX_BLOCK_ATTEMPTS, BatchMasking, _as_grid, mask_indices_and_weights, mask_ratio_edges
 
 __all__ = ["VectorizedBlockMaskGenerator", "sample_batch_masks_fast", "FastBatchMasking", "mask_indices_and_weights"]
-
-
-def _as_grid(grid) -> Tuple[int, int]:
-    if isinstance(grid, int):
-        return grid, grid
-    h, w = grid
-    return int(h), int(w)
 
 
 class VectorizedBlockMaskGenerator:
@@ -170,41 +163,8 @@ def sample_batch_masks_fast(
     return torch.from_numpy(masks)
 
 
-class FastBatchMasking:
-    """Drop-in for ``masking.BatchMasking``: ``masking(n_global_crops, rng) -> (n, P)`` bool tensor."""
+class FastBatchMasking(BatchMasking):
+    """Drop-in for ``masking.BatchMasking`` with the vectorized generator and batch sampler."""
 
-    def __init__(
-        self,
-        grid: Union[int, Tuple[int, int]],
-        probability: float = 0.5,
-        ratio_min_max: Tuple[float, float] = (0.1, 0.5),
-        generator: Optional[VectorizedBlockMaskGenerator] = None,
-    ):
-        self.grid = _as_grid(grid)
-        self.probability = float(probability)
-        self.ratio_min_max = (float(ratio_min_max[0]), float(ratio_min_max[1]))
-        self.generator = generator if generator is not None else VectorizedBlockMaskGenerator(self.grid)
-
-    @property
-    def n_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @classmethod
-    def from_config(cls, cfg) -> Optional["FastBatchMasking"]:
-        """Masking for SimDINOv2 / DINOv2 (grid = global_size // patch_size); None for other methods."""
-        if cfg.objective.method not in ("simdinov2", "dinov2"):
-            return None
-        side = cfg.crops.global_size // cfg.model.patch_size
-        return cls(
-            grid=(side, side),
-            probability=cfg.objective.mask_sample_probability,
-            ratio_min_max=(cfg.objective.mask_ratio_min, cfg.objective.mask_ratio_max),
-        )
-
-    def __call__(self, n_global_crops: int, rng: np.random.Generator) -> torch.Tensor:
-        return sample_batch_masks_fast(
-            n_global_crops, self.grid, self.probability, self.ratio_min_max, rng=rng, generator=self.generator
-        )
-
-    def __repr__(self) -> str:
-        return f"FastBatchMasking(grid={self.grid}, probability={self.probability}, ratio={self.ratio_min_max})"
+    default_generator = VectorizedBlockMaskGenerator
+    sample = staticmethod(sample_batch_masks_fast)

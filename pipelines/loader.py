@@ -25,7 +25,6 @@ _SAMPLE_STREAM = 0
 _ORDER_STREAM = 1
 _MASK_STREAM = 2
 
-MASKED_METHODS = ("simdinov2", "dinov2")
 
 Key = Union[int, Tuple[int, int, int]]  # index, or (index, epoch, batch index) from the loader's sampler
 
@@ -274,14 +273,7 @@ def collate_multicrop(
 
 def build_masking(cfg) -> Optional[BatchMasking]:
     """Per-batch iBOT masking for SimDINOv2 / DINOv2 (grid = global_size // patch_size); None otherwise."""
-    if cfg.objective.method not in MASKED_METHODS:
-        return None
-    side = cfg.crops.global_size // cfg.model.patch_size
-    return BatchMasking(
-        grid=(side, side),
-        probability=cfg.objective.mask_sample_probability,
-        ratio_min_max=(cfg.objective.mask_ratio_min, cfg.objective.mask_ratio_max),
-    )
+    return BatchMasking.from_config(cfg)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, start_batch: int = 0):

@@ -192,28 +192,45 @@ def mask_indices_and_weights(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.T
 
 
 class BatchMasking:
-    """The per-batch mask sampler the collate function calls: ``masking(n_global_crops, rng)``."""
+    """The per-batch mask sampler the collate function calls: ``masking(n_global_crops, rng)``.
+
+    Subclasses swap the block generator and the batch sampler (``fast_masking.FastBatchMasking``).
+    """
+
+    default_generator = BlockMaskGenerator
+    sample = staticmethod(sample_batch_masks)
 
     def __init__(
         self,
         grid: Union[int, Tuple[int, int]],
         probability: float = 0.5,
         ratio_min_max: Tuple[float, float] = (0.1, 0.5),
-        generator: Optional[BlockMaskGenerator] = None,
+        generator=None,
     ):
         self.grid = _as_grid(grid)
         self.probability = float(probability)
         self.ratio_min_max = (float(ratio_min_max[0]), float(ratio_min_max[1]))
-        self.generator = generator if generator is not None else BlockMaskGenerator(self.grid)
+        self.generator = generator if generator is not None else self.default_generator(self.grid)
 
     @property
     def n_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def __call__(self, n_global_crops: int, rng: Rng) -> torch.Tensor:
-        return sample_batch_masks(
-            n_global_crops, self.grid, self.probability, self.ratio_min_max, rng=rng, generator=self.generator
+    @classmethod
+    def from_config(cls, cfg):
+        """Masking for SimDINOv2 / DINOv2 (grid = global_size // patch_size); None for other methods."""
+        if cfg.objective.method not in ("simdinov2", "dinov2"):
+            return None
+        side = cfg.crops.global_size // cfg.model.patch_size
+        return cls(
+            grid=(side, side),
+            probability=cfg.objective.mask_sample_probability,
+            ratio_min_max=(cfg.objective.mask_ratio_min, cfg.objective.mask_ratio_max),
         )
 
+    def __call__(self, n_global_crops: int, rng: Rng) -> torch.Tensor:
+        return self.sample(n_global_crops, self.grid, self.probability, self.ratio_min_max, rng=rng,
+                           generator=self.generator)
+
     def __repr__(self) -> str:
-        return f"BatchMasking(grid={self.grid}, probability={self.probability}, ratio={self.ratio_min_max})"
+        return f"{type(self).__name__}(grid={self.grid}, probability={self.probability}, ratio={self.ratio_min_max})"
