@@ -85,11 +85,18 @@ def test_extract_features_streams_in_order_and_normalizes(tmp_path):
     np.testing.assert_array_equal(on_disk, out.features.numpy())
 
 
-def test_undecodable_images_are_left_out_and_counted(capsys):
-    reader = PilOnly(ArrayReader(n=12, broken=(3, 7)))
-    out = extract_features(_tiny_vit(), reader, EvalTransform(28, 28), batch_size=4)
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_undecodable_images_are_left_out_and_counted(capsys, tmp_path, on_disk):
+    base = ArrayReader(n=12, broken=(3, 7))
+    model, tf = _tiny_vit(), EvalTransform(28, 28)
+    path = str(tmp_path / "f.npy") if on_disk else None
+    out = extract_features(model, PilOnly(base), tf, batch_size=4, out_path=path)
     assert len(out) == 10 and out.failed_paths == ["array://3", "array://7"]
-    assert 3 not in out.indices.tolist() and 7 not in out.indices.tolist()
+    kept = [i for i in range(12) if i not in (3, 7)]
+    assert out.indices.tolist() == kept and out.labels.tolist() == base.labels[kept].tolist()
+    base.broken = set()
+    full = extract_features(model, PilOnly(base), tf, batch_size=4)
+    torch.testing.assert_close(out.features, full.features[kept], rtol=0, atol=0)  # rows moved, not recomputed
     assert "2 image(s) could not be decoded" in capsys.readouterr().err
 
 

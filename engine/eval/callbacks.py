@@ -62,6 +62,8 @@ class KnnAfterTraining:
     def on_train_end(self, trainer, summary: Dict[str, object]) -> None:
         if not _is_main():
             return
+        from flashdino.engine.meta_arch import unwrap
+
         from .backbone import random_init_backbone
         from .knn import evaluate_knn, raw_pixel_knn
 
@@ -70,9 +72,7 @@ class KnnAfterTraining:
         common = dict(ks=self.ks, temperature=cfg.eval.knn_temperature, batch_size=512, device=device,
                       num_workers=min(cfg.data.num_workers, 8), progress=True)
         _say(f"[flashdino] k-NN evaluation on {self.description}: {len(self.train_reader)} train / "
-                      f"{len(self.test_reader)} evaluation images")
-        from flashdino.engine.meta_arch import unwrap
-
+             f"{len(self.test_reader)} evaluation images; baselines: random init, raw pixels")
         results = {"trained": evaluate_knn(unwrap(trainer.model).teacher["backbone"], self.train_reader,
                                            self.test_reader, self.transform, **common)}
         results["random_init"] = evaluate_knn(random_init_backbone(cfg, device), self.train_reader, self.test_reader,

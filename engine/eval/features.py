@@ -249,8 +249,18 @@ def extract_features(
     if failed:
         print(f"[flashdino] {len(failed)} image(s) could not be decoded and were left out of the features; "
               f"first: {', '.join(failed[:5])}", file=sys.stderr)
-        buffer, labels, order = buffer[ok_mask], labels[ok_mask], order[ok_mask]
+        keep = ok_mask.nonzero().flatten()
+        _compact_rows(buffer, keep)
+        buffer, labels, order = buffer[: len(keep)], labels[keep], order[keep]
     return FeatureSet(buffer, labels, order, failed)
+
+
+def _compact_rows(buffer: torch.Tensor, keep: torch.Tensor, chunk: int = 65536) -> None:
+    """Move rows `keep` (ascending) to the front of `buffer` in place, chunk by chunk, so a
+    memory-mapped buffer is never copied whole into RAM. Safe because every row moves up or stays."""
+    for start in range(0, len(keep), chunk):
+        idx = keep[start:start + chunk]
+        buffer[start:start + len(idx)] = buffer[idx]
 
 
 def _progress_bar(label: Optional[str], total: int):
