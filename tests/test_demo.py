@@ -60,7 +60,7 @@ def test_demo_runs_end_to_end_and_is_reported(fmnist_subset, tmp_path):
     for text in ("flashdino run summary", "this run (teacher)", "same network, random init", "raw pixels",
                  "gain over random init", "attention_maps.png", "collapse"):
         assert text in printed, text
-    with open(os.path.join(out, "eval_knn.json")) as fh:
+    with open(os.path.join(out, "knn_after_training.json")) as fh:
         record = json.load(fh)
     assert record["ks"] == [20] and record["temperature"] == 0.07 and record["step"] == 3
     for name in ("trained", "random_init", "raw_pixels"):

@@ -145,3 +145,12 @@ def test_knn_cli_reports_missing_data_without_traceback(tmp_path, capsys):
     assert cli_main(["eval", "knn", "--checkpoint", path, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--train-data" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+def test_gpu_search_equals_cpu():
+    train, labels, test, test_labels = _random_problem(n_train=3000, n_test=500, dtype=torch.float64, noise=2.0)
+    cpu = knn_accuracy(train, labels, test, test_labels, ks=(1, 20), query_chunk=128, train_chunk=1000)
+    gpu = knn_accuracy(train, labels, test, test_labels, ks=(1, 20), query_chunk=128, train_chunk=1000,
+                       device=torch.device("cuda"))
+    assert gpu == cpu  # float64 on both: same neighbours, same votes

@@ -6,7 +6,7 @@
   per-dimension std of the teacher's outputs at each log step, with a warning toward collapse;
 * :class:`KnnAfterTraining` (``eval.after_train``): weighted k-NN of the teacher on the held-out split,
   beside two baselines measured in the same run: the same network at its initialization and
-  (for small images) raw pixels; written to ``eval_knn.json``;
+  (for small images) raw pixels; written to ``knn_after_training.json``;
 * :class:`EndOfRunPlots` (``log.plots``): ``loss_curves.png`` and ``attention_maps.png``;
 * :class:`RunSummary`: the one-screen summary.
 
@@ -26,6 +26,8 @@ from flashdino.engine.diagnostics import CollapseMonitor
 
 RAW_PIXEL_MAX_SIZE = 64  # the raw-pixel baseline is only meaningful (and cheap) for small images
 ATTENTION_IMAGES = 6
+# Not eval_knn.json: that is what `flashdino eval knn` writes beside the checkpoint.
+KNN_FILE = "knn_after_training.json"
 
 
 def _is_main() -> bool:
@@ -83,7 +85,7 @@ class KnnAfterTraining:
         record = {"data": self.description, "transform": repr(self.transform), "ks": self.ks,
                   "temperature": cfg.eval.knn_temperature, "step": summary.get("steps"), "results": results,
                   "seconds": time.perf_counter() - t0}
-        path = os.path.join(trainer.output_dir, "eval_knn.json")
+        path = os.path.join(trainer.output_dir, KNN_FILE)
         with open(path, "w") as fh:
             json.dump(record, fh, indent=2)
             fh.write("\n")

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Dict, List
 
+from flashdino.engine.eval.callbacks import KNN_FILE
+
 BUDGET_SECONDS = {"cpu": 15 * 60}  # the demo's promise on a 2-core CPU (issue 3)
 
 
@@ -46,7 +48,7 @@ def run_demo(preset: str, output_dir: str, overrides: List[str]) -> Dict[str, ob
     if done.returncode != 0:
         raise RuntimeError(f"the demo failed (exit {done.returncode}); its stderr ends with:\n{done.stderr[-3000:]}")
     summary = _last_json_line(done.stderr)
-    with open(os.path.join(output_dir, "eval_knn.json")) as fh:
+    with open(os.path.join(output_dir, KNN_FILE)) as fh:
         knn = json.load(fh)
     # "flashdino train" is what a user types; the child ran the same entry point via python -m.
     user_cmd = "flashdino train " + " ".join(shlex.quote(a) for a in cmd[cmd.index("train") + 1:])
@@ -100,7 +102,8 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
         f"- wall time of the whole command (training + evaluation + plots): **{result['wall_seconds'] / 60:.1f} min** "
         f"({result['wall_seconds']:.0f} s); CPU time of its processes {result['cpu_seconds']:.0f} s",
         f"- load average before / after: {result['load_before'][0]:.2f} / {result['load_after'][0]:.2f} "
-        f"(on {os.cpu_count()} logical CPUs; other processes shared the machine when this is above ~0)",
+        f"(on {os.cpu_count()} logical CPUs; the run itself adds about 2 to the 1-minute figure, anything beyond "
+        f"that is other processes sharing the machine)",
         f"- training: {summary.get('steps')} steps, {float(summary.get('epochs') or 0):.2f} epochs, "
         f"{summary.get('images_seen')} images in {float(summary.get('train_seconds') or 0):.0f} s; "
         f"evaluation {float(summary.get('eval_seconds') or 0):.0f} s",

@@ -186,8 +186,10 @@ def evaluate_knn(backbone: torch.nn.Module, train_reader, test_reader, transform
                                        out_path=paths.get(split), progress=f"features {split}" if progress else None)
     t1 = time.perf_counter()
     train, test = sets["train"], sets["test"]
-    # The search runs where the backbone ran; train features stay on the CPU when they are memory-mapped.
-    acc = knn_accuracy(train.features, train.labels, test.features, test.labels, ks, temperature,
+    # The search runs where the backbone ran. On a GPU the train features are copied there once when
+    # they take at most half the free memory; otherwise they stream from the host chunk by chunk.
+    bank = _on_device_if_it_fits(train.features, device)
+    acc = knn_accuracy(bank, train.labels, test.features, test.labels, ks, temperature,
                        query_chunk=query_chunk, train_chunk=train_chunk, device=device)
     return {
         "knn": acc,
@@ -198,6 +200,15 @@ def evaluate_knn(backbone: torch.nn.Module, train_reader, test_reader, transform
         "extract_seconds": t1 - t0,
         "knn_seconds": time.perf_counter() - t1,
     }
+
+
+def _on_device_if_it_fits(features: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return features
+    free, _ = torch.cuda.mem_get_info(device)
+    if features.numel() * features.element_size() > free // 2:
+        return features
+    return features.to(device)
 
 
 def raw_pixel_knn(train_reader, test_reader, transform, *, ks: Iterable[int] = DEFAULT_KS,
