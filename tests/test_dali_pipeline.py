@@ -208,7 +208,8 @@ def test_fashion_mnist_pixels_without_decoding():
     it = iter(loader)
     for _ in range(2):
         b = next(it)
-        assert b["global_crops"].shape == (16, 3, 28, 28) and b["local_crops"].shape == (32, 3, 12, 12)
+        g, l, n_local = cfg.crops.global_size, cfg.crops.local_size, cfg.crops.n_local
+        assert b["global_crops"].shape == (16, 3, g, g) and b["local_crops"].shape == (8 * n_local, 3, l, l)
         assert b["labels"].tolist() == [int(reader.labels[i]) for i in b["indices"].tolist()]
         assert set(b["labels"].tolist()) <= set(range(10))
         # grayscale source: the three channels agree after undoing the (equal) normalization
