@@ -100,7 +100,7 @@ def test_linear_cli_fast_and_augmented(tmp_path, capsys):
     assert cli_main(common + ["--epochs", "2", "--n-last-blocks", "1", "2", "--output", out]) == 0
     with open(out) as fh:
         record = json.load(fh)
-    assert len(record["result"]["probes"]) == 2 * 2 * 8 and record["n_train"] == 48
+    assert len(record["result"]["probes"]) == 2 * 2 * 7 and record["n_train"] == 48
     out2 = os.path.join(tmp_path, "aug.json")
     assert cli_main(common + ["--protocol", "v1", "--epochs", "2", "--iters-per-epoch", "5", "--probe-batch-size", "8",
                               "--n-last-blocks", "2", "--output", out2]) == 0
