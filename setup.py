@@ -76,13 +76,14 @@ setup(
     package_data={"flashdino.engine": ["presets/*.yaml"]},
     install_requires=[
         "torch>=2.11",
+        "torchvision",
         "numpy",
         "pillow",
         "pyyaml",
         "tqdm",
     ],
     extras_require={
-        "full": ["torchvision", "nvidia-dali-cuda130", "deepspeed", "nvtx", "tensorboard", "matplotlib", "safetensors", "timm"],
+        "full": ["nvidia-dali-cuda130", "deepspeed", "nvtx", "tensorboard", "matplotlib", "safetensors", "timm"],
         "test": ["pytest", "scipy", "timm", "safetensors"],
     },
     entry_points={"console_scripts": ["flashdino = flashdino.engine.cli:main"]},

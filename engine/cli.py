@@ -69,12 +69,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not hasattr(args, "_main"):
         (getattr(args, "_group_parser", None) or parser).print_help()
         return 2
+    from flashdino.engine.checkpoint import CheckpointError
     from flashdino.engine.config import ConfigError
+    from flashdino.pipelines.datasets import DatasetError
 
     try:
         return args._main(args) or 0
     except ConfigError as exc:
         print(f"flashdino: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (DatasetError, CheckpointError, FileNotFoundError) as exc:
+        # Bad input the user can fix: the message says what and how, a traceback would bury it.
+        print(f"flashdino: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -95,7 +95,7 @@ class CollapseMonitor:
         self.n_logs += 1
         stats = collapse_stats(outputs)
         self.last = stats
-        trainer.logger.log(step, stats)
+        metrics.update(stats)  # logged with the step's other metrics (callbacks run before the logger)
         warn = self.n_logs > self.warmup_logs and is_collapsing(stats, self.rank_fraction, self.std_ratio)
         if warn and not self.collapsed:
             self.n_warnings += 1

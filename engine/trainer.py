@@ -324,10 +324,10 @@ class Trainer:
                         last = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
                         last.update({"epoch": st.epoch, "img/s": window_images / max(elapsed, 1e-9),
                                      "skipped_images": len(st.skipped_files)})
-                        self.logger.log(st.step, last)
-                        for cb in self.callbacks:
+                        for cb in self.callbacks:  # callbacks may add metrics (collapse diagnostics)
                             if hasattr(cb, "on_log"):
                                 cb.on_log(self, st.step, last, losses)
+                        self.logger.log(st.step, last)
                         window_start, window_images = time.perf_counter(), 0
                     if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()

@@ -206,10 +206,13 @@ class SyntheticDataset:
     have structure and the classes are separable; image i depends only on (seed, i).
     """
 
-    def __init__(self, n: int, size: int = 64, seed: int = 0, n_classes: int = 10):
+    def __init__(self, n: int, size: int = 64, seed: int = 0, n_classes: int = 10, split: str = "train"):
         if n < 1 or size < 1 or n_classes < 1:
             raise ValueError(f"SyntheticDataset: n, size and n_classes must be >= 1, got {n}, {size}, {n_classes}")
         self.n, self.size, self.seed, self.n_classes = int(n), int(size), int(seed), int(n_classes)
+        # The class colours depend on the seed only, so a train and a test split share their classes;
+        # the images themselves differ by split.
+        self._image_seed = [self.seed] if split == "train" else [self.seed, 1]
         palette_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 2**31 - 1]))
         self._palette = palette_rng.uniform(40, 215, size=(self.n_classes, 3))
 
@@ -222,7 +225,7 @@ class SyntheticDataset:
     def load(self, index: int):
         if not 0 <= index < self.n:
             raise IndexError(f"SyntheticDataset: index {index} out of range [0, {self.n})")
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
+        rng = np.random.default_rng(np.random.SeedSequence(self._image_seed + [index]))
         label = int(index % self.n_classes)
         coarse = max(2, self.size // 8)
         noise = rng.normal(0.0, 45.0, size=(coarse, coarse, 3)) + self._palette[label]
@@ -286,7 +289,7 @@ def build_dataset(data_cfg, split: str = "train", seed: int = 0):
     if kind == "fashion_mnist":
         return FashionMNIST(root=path or FASHION_MNIST_ROOT, split=split)
     if kind == "synthetic":
-        return SyntheticDataset(data_cfg.synthetic_size, seed=seed + (0 if split == "train" else 1))
+        return SyntheticDataset(data_cfg.synthetic_size, seed=seed, split=split)
     if path is None:
         raise DatasetError(f"data.dataset={kind} needs data.path")
     if not os.path.exists(path):

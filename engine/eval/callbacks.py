@@ -21,7 +21,6 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from flashdino.engine.config import ConfigError
 from flashdino.engine.diagnostics import CollapseMonitor
 
 RAW_PIXEL_MAX_SIZE = 64  # the raw-pixel baseline is only meaningful (and cheap) for small images
@@ -56,8 +55,8 @@ class KnnAfterTraining:
         try:
             self.train_reader, self.test_reader, self.description = resolve_eval_data(cfg)
         except (DatasetError, FileNotFoundError) as exc:
-            raise ConfigError(f"{exc} (the k-NN evaluation after training needs its held-out split; "
-                              "eval.after_train=false skips that evaluation)") from exc
+            raise DatasetError(f"{exc} (the k-NN evaluation after training needs its held-out split; "
+                               "eval.after_train=false skips that evaluation)") from exc
         self.transform = EvalTransform.from_config(cfg)
         self.ks = [cfg.eval.knn_k]
 
