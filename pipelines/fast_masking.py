@@ -20,7 +20,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .masking import MAX_BLOCK_ATTEMPTS, BatchMasking, _as_grid, mask_indices_and_weights, mask_ratio_edges
+from .masking import (MAX_BLOCK_ATTEMPTS, BatchMasking, _as_grid, check_batch_mask_args, mask_indices_and_weights,
+                      mask_ratio_edges)
 
 __all__ = ["VectorizedBlockMaskGenerator", "sample_batch_masks_fast", "FastBatchMasking", "mask_indices_and_weights"]
 
@@ -138,20 +139,10 @@ def sample_batch_masks_fast(
     floor(n * probability) crops get a block mask with a stratified target ratio, the rest are
     empty, and the rows are randomly permuted.
     """
-    if n_global_crops < 0:
-        raise ValueError(f"sample_batch_masks_fast: n_global_crops must be >= 0, got {n_global_crops}")
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"sample_batch_masks_fast: probability must be in [0, 1], got {probability}")
-    lo, hi = ratio_min_max
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"sample_batch_masks_fast: ratio_min_max must satisfy 0 <= min <= max <= 1, got {tuple(ratio_min_max)}")
-    height, width = _as_grid(grid)
-    if generator is None:
-        generator = VectorizedBlockMaskGenerator((height, width))
-    elif (generator.height, generator.width) != (height, width):
-        raise ValueError(
-            f"sample_batch_masks_fast: generator grid {generator.height}x{generator.width} != grid {height}x{width}"
-        )
+    lo, hi, height, width, generator = check_batch_mask_args(
+        "sample_batch_masks_fast", n_global_crops, grid, probability, ratio_min_max, generator,
+        VectorizedBlockMaskGenerator,
+    )
     rng = rng if rng is not None else np.random.default_rng()
     n_patches = height * width
     n_masked = int(n_global_crops * probability)

@@ -133,6 +133,23 @@ def stratified_target(n_patches: int, lo: np.float32, hi: np.float32, u: float) 
     return int(np.float32(n_patches) * np.float32(ratio))
 
 
+def check_batch_mask_args(fn, n_global_crops, grid, probability, ratio_min_max, generator, generator_cls):
+    """Validate a batch-mask request; returns (lo, hi, height, width, generator) with a default generator."""
+    if n_global_crops < 0:
+        raise ValueError(f"{fn}: n_global_crops must be >= 0, got {n_global_crops}")
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"{fn}: probability must be in [0, 1], got {probability}")
+    lo, hi = ratio_min_max
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{fn}: ratio_min_max must satisfy 0 <= min <= max <= 1, got {tuple(ratio_min_max)}")
+    height, width = _as_grid(grid)
+    if generator is None:
+        generator = generator_cls((height, width))
+    elif (generator.height, generator.width) != (height, width):
+        raise ValueError(f"{fn}: generator grid {generator.height}x{generator.width} != grid {height}x{width}")
+    return lo, hi, height, width, generator
+
+
 def sample_batch_masks(
     n_global_crops: int,
     grid: Union[int, Tuple[int, int]],
@@ -147,20 +164,9 @@ def sample_batch_masks(
     stratum of linspace(ratio_min, ratio_max); the other crops get an empty mask; the list is then
     shuffled so which crops are masked is random.
     """
-    if n_global_crops < 0:
-        raise ValueError(f"sample_batch_masks: n_global_crops must be >= 0, got {n_global_crops}")
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"sample_batch_masks: probability must be in [0, 1], got {probability}")
-    lo, hi = ratio_min_max
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"sample_batch_masks: ratio_min_max must satisfy 0 <= min <= max <= 1, got {tuple(ratio_min_max)}")
-    height, width = _as_grid(grid)
-    if generator is None:
-        generator = BlockMaskGenerator((height, width))
-    elif (generator.height, generator.width) != (height, width):
-        raise ValueError(
-            f"sample_batch_masks: generator grid {generator.height}x{generator.width} != grid {height}x{width}"
-        )
+    lo, hi, height, width, generator = check_batch_mask_args(
+        "sample_batch_masks", n_global_crops, grid, probability, ratio_min_max, generator, BlockMaskGenerator
+    )
     draws = _Draws(rng if rng is not None else np.random.default_rng())
     n_patches = height * width
     n_masked = int(n_global_crops * probability)
