@@ -76,7 +76,20 @@ def _check_pairs(pairs) -> None:
             raise ValueError(f"teacher/student shape mismatch for '{name}': {tuple(t.shape)} vs {tuple(s.shape)}")
 
 
-class ZeroFragmentEMA:
+class _ShardedEMA:
+    """EMA of this rank's fp32 teacher masters from its student masters, then the teacher weights
+    the model computes with are rewritten from the masters (`_write_teacher`, per sharding)."""
+
+    _updater = None
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        if self._updater is not None:
+            self._updater.update(momentum)
+        self._write_teacher()
+
+
+class ZeroFragmentEMA(_ShardedEMA):
     """ZeRO stages 1 and 2: parameters are whole on every rank, the fp32 master weights are split.
 
     DeepSpeed gives each rank one contiguous range of every flat parameter group; a parameter's
@@ -179,12 +192,6 @@ class ZeroFragmentEMA:
             torch._foreach_copy_(self._dst, self._src)
 
     @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        if self._updater is not None:
-            self._updater.update(momentum)
-        self._write_teacher()
-
-    @torch.no_grad()
     def full_teacher(self) -> Dict[str, torch.Tensor]:
         """The whole fp32 teacher (name -> tensor) on every rank. Collective."""
         import torch.distributed as dist
@@ -203,7 +210,7 @@ class ZeroFragmentEMA:
         return out
 
 
-class ZeroPartitionEMA:
+class ZeroPartitionEMA(_ShardedEMA):
     """ZeRO stage 3: every parameter is split into equal partitions, rank r holding elements
     [r*ps, (r+1)*ps) (zero padded at the end). Teacher and student have the same shapes, so their
     partitions line up: each rank updates its teacher partition (fp32 master kept here) from its
@@ -301,12 +308,6 @@ class ZeroPartitionEMA:
             torch._foreach_copy_(self.teacher_part, self.teacher_master)
         if self._p_send is not None:  # whole on every rank: refresh them from the new partitions
             self._refresh_persistent()
-
-    @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        if self._updater is not None:
-            self._updater.update(momentum)
-        self._write_teacher()
 
     @torch.no_grad()
     def full_teacher(self) -> Dict[str, torch.Tensor]:

@@ -14,14 +14,13 @@ the random stream is consumed differently, so masks are equal in distribution, n
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from .masking import (MAX_BLOCK_ATTEMPTS, BatchMasking, _as_grid, check_batch_mask_args, mask_indices_and_weights,
-                      mask_ratio_edges)
+from .masking import (MAX_BLOCK_ATTEMPTS, BatchMasking, block_shape_parameters, check_batch_mask_args,
+                      mask_indices_and_weights, mask_ratio_edges)
 
 __all__ = ["VectorizedBlockMaskGenerator", "sample_batch_masks_fast", "FastBatchMasking", "mask_indices_and_weights"]
 
@@ -38,19 +37,14 @@ class VectorizedBlockMaskGenerator:
         max_aspect: Optional[float] = None,
         attempts: int = MAX_BLOCK_ATTEMPTS,
     ):
-        self.height, self.width = _as_grid(grid)
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"VectorizedBlockMaskGenerator: grid must be positive, got {grid}")
-        if min_aspect <= 0:
-            raise ValueError(f"VectorizedBlockMaskGenerator: min_aspect must be > 0, got {min_aspect}")
+        self.height, self.width, max_patches, self.log_aspect = block_shape_parameters(
+            "VectorizedBlockMaskGenerator", grid, max_num_patches, min_aspect, max_aspect
+        )
         if attempts < 1:
             raise ValueError(f"VectorizedBlockMaskGenerator: attempts must be >= 1, got {attempts}")
         self.num_patches = self.height * self.width
         self.min_num_patches = float(min_num_patches)
-        # Explicit 0.5 * P (trap T13), as the reference generator.
-        self.max_num_patches = 0.5 * self.num_patches if max_num_patches is None else float(max_num_patches)
-        max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
-        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+        self.max_num_patches = float(max_patches)
         self.attempts = int(attempts)
 
     def __repr__(self) -> str:

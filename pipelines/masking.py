@@ -56,6 +56,19 @@ def _as_grid(grid) -> Tuple[int, int]:
     return int(h), int(w)
 
 
+def block_shape_parameters(name, grid, max_num_patches, min_aspect, max_aspect):
+    """(height, width, max_num_patches, log-aspect range) shared by the block-mask generators."""
+    height, width = _as_grid(grid)
+    if height < 1 or width < 1:
+        raise ValueError(f"{name}: grid must be positive, got {grid}")
+    if min_aspect <= 0:
+        raise ValueError(f"{name}: min_aspect must be > 0, got {min_aspect}")
+    # Set explicitly (trap T13): the reference reaches 0.5 * P through an accidental chain of * and //.
+    max_patches = 0.5 * height * width if max_num_patches is None else max_num_patches
+    max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
+    return height, width, max_patches, (math.log(min_aspect), math.log(max_aspect))
+
+
 class BlockMaskGenerator:
     """Masks rectangles of random area and aspect ratio on an (H, W) patch grid until a target count."""
 
@@ -67,17 +80,11 @@ class BlockMaskGenerator:
         min_aspect: float = 0.3,
         max_aspect: Optional[float] = None,
     ):
-        self.height, self.width = _as_grid(grid)
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"BlockMaskGenerator: grid must be positive, got {grid}")
-        if min_aspect <= 0:
-            raise ValueError(f"BlockMaskGenerator: min_aspect must be > 0, got {min_aspect}")
+        self.height, self.width, self.max_num_patches, self.log_aspect = block_shape_parameters(
+            "BlockMaskGenerator", grid, max_num_patches, min_aspect, max_aspect
+        )
         self.num_patches = self.height * self.width
         self.min_num_patches = min_num_patches
-        # Set explicitly (trap T13): the reference reaches 0.5 * P through an accidental chain of * and //.
-        self.max_num_patches = 0.5 * self.num_patches if max_num_patches is None else max_num_patches
-        max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
-        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
     def __repr__(self) -> str:
         return (
