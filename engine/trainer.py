@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import Config, dump_yaml, to_dict
 from .distributed import barrier, get_rank, get_world_size, init_from_env, is_distributed, is_main_process
 from .finite_guard import FiniteGuard
-from .meta_arch import SSLMetaArch
+from .meta_arch import SSLMetaArch, unwrap
 from .metrics import MetricsLogger
 from .optim import apply_schedule
 from .runtime import build_runtime
@@ -134,6 +134,14 @@ class Trainer:
     @property
     def ema(self):
         return self.runtime.ema
+
+    def teacher_backbone_for_eval(self) -> torch.nn.Module:
+        """The teacher backbone with all its weights in fp32, for evaluation and plots. Under
+        DeepSpeed a consolidated copy (collective: every rank must call it); otherwise the teacher itself."""
+        consolidate = getattr(self.runtime, "full_teacher_backbone", None)
+        if consolidate is not None:
+            return consolidate()
+        return unwrap(self.model).teacher["backbone"]
 
     def _build_data(self, epoch: int, start_batch: int) -> None:
         cfg = self.cfg

@@ -5,7 +5,8 @@
   follows it, and the whole run equals plain DDP;
 * checkpoints save and resume bit-exactly under DDP and each ZeRO stage;
 * reduce_cov: 2 ranks at batch B equal one process at batch 2B (loss, gradients, weights);
-* virtual ranks: one process at batch 2B with virtual_ranks=2 equals 2 ranks at batch B.
+* virtual ranks: one process at batch 2B with virtual_ranks=2 equals 2 ranks at batch B;
+* the end-of-run k-NN and attention maps under ZeRO-3 bf16 see the whole fp32 teacher.
 """
 import os
 import socket
@@ -217,7 +218,24 @@ def job_single_process_zero(rank, folder):
     return out
 
 
-JOBS = {"zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
+def job_eval_at_end(rank, folder):
+    """ZeRO-3 in bf16, then the end-of-run k-NN and attention maps: they must see the whole fp32
+    teacher (the engine's copy is bf16 and partitioned across the ranks)."""
+    from flashdino.engine.eval.callbacks import build_callbacks
+    from flashdino.engine.trainer import Trainer
+
+    cfg = tiny_config(os.path.join(folder, "z3"), "runtime.distributed=deepspeed", "runtime.zero_stage=3",
+                      "train.precision=bf16", "train.max_steps=2", "eval.after_train=true", "log.plots=true",
+                      "eval.eval_size=32", "eval.resize_size=32", "eval.knn_k=5", "data.synthetic_size=16")
+    trainer = Trainer(cfg, build_callbacks(cfg))
+    summary = trainer.fit()
+    backbone = trainer.teacher_backbone_for_eval()
+    return {"summary_knn": summary.get("knn"), "plots": summary.get("plots"),
+            "eval_teacher": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()},
+            "full_teacher": _full_teacher(trainer), "output_dir": trainer.output_dir}
+
+
+JOBS = {"eval_at_end": job_eval_at_end, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
         "single_process_zero": job_single_process_zero}
 
 
@@ -307,6 +325,26 @@ def test_reduce_cov_and_virtual_ranks_match_one_process_on_the_whole_batch(tmp_p
             _assert_weights_close(r[run]["teacher"], ref["teacher"], 1e-4, 1e-7, f"{run} teacher")
     # Without reduce_cov or virtual ranks, the expansion term is NOT the 2B one (spec T4).
     assert abs(single["steps"][0]["expa_loss"] - virtual["steps"][0]["expa_loss"]) > 1e-3
+
+
+def test_end_of_run_knn_and_plots_see_the_whole_fp32_teacher_under_zero3(tmp_path):
+    from flashdino.engine.eval.backbone import load_backbone
+    from flashdino.engine.eval.data import resolve_eval_data
+    from flashdino.engine.eval.features import EvalTransform
+    from flashdino.engine.eval.knn import evaluate_knn
+
+    res = run_on_two_ranks("eval_at_end", tmp_path)
+    main = res[0]
+    expected = {k[len("backbone."):]: v for k, v in main["full_teacher"].items() if k.startswith("backbone.")}
+    _assert_weights_close(main["eval_teacher"], expected, 0, 0, "teacher given to the evaluation")
+    assert any(p.endswith("attention_maps.png") for p in main["plots"]), main["plots"]
+    # The k-NN the run printed equals an independent evaluation of the checkpoint's teacher.
+    backbone, cfg, _ = load_backbone(os.path.join(main["output_dir"], "checkpoint.pth"))
+    train_reader, test_reader, _ = resolve_eval_data(cfg)
+    again = evaluate_knn(backbone, train_reader, test_reader, EvalTransform.from_config(cfg), ks=[cfg.eval.knn_k])
+    k = str(cfg.eval.knn_k)
+    assert main["summary_knn"]["trained"][k] == pytest.approx(again["knn"][cfg.eval.knn_k], abs=1e-9)
+    assert res[1]["summary_knn"] is None  # only the main rank evaluates
 
 
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover

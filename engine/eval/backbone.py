@@ -35,7 +35,7 @@ def load_backbone(path: str, which: str = "teacher", device: Optional[torch.devi
     """(backbone in eval mode, the run's config, checkpoint info) from a ``flashdino train`` checkpoint."""
     state = ckpt.load_checkpoint(path)
     cfg = config_of_checkpoint(state, path)
-    model = build_backbone(cfg.model, teacher=True, attention=attention or _cpu_safe_attention(cfg, device))
+    model = build_backbone(cfg.model, teacher=True, attention=attention or eval_attention(cfg, device))
     weights = backbone_state(state, which, path)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -54,13 +54,13 @@ def random_init_backbone(cfg: Config, device: Optional[torch.device] = None, see
     devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        model = build_backbone(cfg.model, attention=_cpu_safe_attention(cfg, device))
+        model = build_backbone(cfg.model, attention=eval_attention(cfg, device))
     for block in model.blocks:  # evaluation: no stochastic depth (eval() disables it too)
         block.drop_path = 0.0
     return model.to(device or "cpu").eval()
 
 
-def _cpu_safe_attention(cfg: Config, device) -> str:
+def eval_attention(cfg: Config, device) -> str:
     # GPU-only attention backends (flash, cudnn, flash_attn) cannot run a CPU evaluation.
     name = cfg.runtime.attention
     on_cpu = device is None or torch.device(device).type == "cpu"

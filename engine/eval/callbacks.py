@@ -61,10 +61,9 @@ class KnnAfterTraining:
         self.ks = [cfg.eval.knn_k]
 
     def on_train_end(self, trainer, summary: Dict[str, object]) -> None:
+        teacher = trainer.teacher_backbone_for_eval()  # collective under DeepSpeed: before the rank check
         if not _is_main():
             return
-        from flashdino.engine.meta_arch import unwrap
-
         from .backbone import random_init_backbone
         from .knn import evaluate_knn, raw_pixel_knn
 
@@ -74,8 +73,7 @@ class KnnAfterTraining:
                       num_workers=min(cfg.data.num_workers, 8), progress=True)
         _say(f"[flashdino] k-NN evaluation on {self.description}: {len(self.train_reader)} train / "
              f"{len(self.test_reader)} evaluation images; baselines: random init, raw pixels")
-        results = {"trained": evaluate_knn(unwrap(trainer.model).teacher["backbone"], self.train_reader,
-                                           self.test_reader, self.transform, **common)}
+        results = {"trained": evaluate_knn(teacher, self.train_reader, self.test_reader, self.transform, **common)}
         results["random_init"] = evaluate_knn(random_init_backbone(cfg, device), self.train_reader, self.test_reader,
                                               self.transform, **common)
         if self.transform.size <= RAW_PIXEL_MAX_SIZE:
@@ -102,10 +100,10 @@ class EndOfRunPlots:
         self.images_reader = images_reader
 
     def on_train_end(self, trainer, summary: Dict[str, object]) -> None:
+        teacher = trainer.teacher_backbone_for_eval()  # collective under DeepSpeed: before the rank check
         if not _is_main():
             return
         from flashdino.engine import plots
-        from flashdino.engine.meta_arch import unwrap
         from flashdino.engine.metrics import read_jsonl
 
         from .features import EvalTransform
@@ -123,7 +121,7 @@ class EndOfRunPlots:
             transform = EvalTransform.from_config(self.cfg, self.cfg.model.img_size, self.cfg.model.img_size)
             images = plots.load_images(reader, plots.pick_images(reader, ATTENTION_IMAGES), transform)
             written.append(plots.plot_attention_maps(
-                unwrap(trainer.model).teacher["backbone"], images, os.path.join(out, "attention_maps.png"),
+                teacher, images, os.path.join(out, "attention_maps.png"),
                 self.cfg.crops.mean, self.cfg.crops.std, title="teacher: last-layer CLS attention"))
         except plots.PlotsUnavailable as exc:
             problems.append(str(exc))
@@ -167,7 +165,7 @@ def format_summary(cfg, trainer, summary: Dict[str, object], first: Optional[Dic
     from flashdino.engine.meta_arch import unwrap
 
     backbone = unwrap(trainer.model).teacher["backbone"]
-    params = sum(p.numel() for p in backbone.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters())  # ZeRO-3: whole sizes
     m = cfg.model
     seconds = float(summary.get("train_seconds") or 0.0)
     images = int(summary.get("images_seen") or 0)

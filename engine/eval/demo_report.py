@@ -78,7 +78,7 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
     k = str(knn["ks"][0])
     acc = {name: res["knn"][k] for name, res in knn["results"].items()}
     summary = result["summary"]
-    budget = BUDGET_SECONDS.get(device.type)
+    budget = BUDGET_SECONDS.get(device.type) if preset == "demo" else None  # the promise is the demo's alone
     verdict = {
         "beats_random_init": acc["trained"]["top1"] > acc["random_init"]["top1"],
         "beats_raw_pixels": "raw_pixels" in acc and acc["trained"]["top1"] > acc["raw_pixels"]["top1"],

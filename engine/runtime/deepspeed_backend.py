@@ -285,6 +285,19 @@ class DeepSpeedRuntime:
             out[name] = full.detach().float().clone().cpu()
         return out
 
+    def full_teacher_backbone(self) -> torch.nn.Module:
+        """A stand-alone fp32 copy of the whole teacher backbone, for evaluation and plots. The engine's
+        own teacher cannot serve: under bf16 its weights are bf16 copies, and under ZeRO-3 each rank
+        holds only its partition. Collective: every rank must call it."""
+        from flashdino.engine.eval.backbone import eval_attention
+        from flashdino.engine.models import build_backbone
+
+        prefix = "backbone."
+        weights = {k[len(prefix):]: v for k, v in self.ema.full_teacher().items() if k.startswith(prefix)}
+        backbone = build_backbone(self.cfg.model, teacher=True, attention=eval_attention(self.cfg, self.device))
+        backbone.load_state_dict(weights, strict=True)
+        return backbone.to(device=self.device, dtype=torch.float32).eval()
+
     def state_dict(self) -> Dict[str, Any]:
         """Consolidated weights (for evaluation, export and the teacher masters on resume). The optimizer
         state lives in the DeepSpeed shard files named by ``save_shards``. Collective."""
