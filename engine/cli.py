@@ -16,6 +16,7 @@ COMMANDS = [
     (("train",), "flashdino.engine.commands.train", "pretrain a ViT with SimDINO / SimDINOv2 / DINO / DINOv2"),
     (("config",), "flashdino.engine.commands.config", "print the merged configuration, the presets or all valid keys"),
     (("eval", "knn"), "flashdino.engine.eval.knn_cli", "weighted k-NN evaluation of a checkpoint's teacher backbone"),
+    (("eval", "curve"), "flashdino.engine.eval.curve_cli", "k-NN learning curve over a run's step-numbered checkpoints"),
     (("eval", "linear"), "flashdino.engine.eval.linear_cli", "linear probe on frozen features of a checkpoint"),
     (("export",), "flashdino.engine.export", "export the teacher backbone as timm-compatible safetensors"),
     (("bench",), "flashdino.profiling.bench", "engine vs reference eager implementation: images/s, MFU, memory"),

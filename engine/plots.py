@@ -75,6 +75,26 @@ def plot_loss_curves(records: Sequence[Dict[str, object]], path: str, title: str
     return _save(fig, path)
 
 
+def plot_knn_curve(record: Dict[str, object], path: str) -> str:
+    """k-NN top-1 of the teacher against the step (``flashdino eval curve``), baselines as lines."""
+    points = record["points"]
+    if not points:
+        raise ValueError("plot_knn_curve: no points")
+    fig = _figure(6.0, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([p["step"] for p in points], [p["top1"] for p in points], marker="o", lw=1.5, label="teacher")
+    labels = {"random_init": "random init", "raw_pixels": "raw pixels"}
+    for i, (name, top1) in enumerate(sorted(record.get("baselines", {}).items())):
+        ax.axhline(top1, ls="--", lw=1.0, color=f"C{i + 1}", label=f"{labels.get(name, name)} ({top1:.2f}%)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"weighted {record['k']}-NN top-1 (%)")
+    ax.set_title(str(record.get("data", "")), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 

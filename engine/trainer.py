@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, dump_yaml, to_dict
+from .config import Config, ConfigError, dump_yaml, to_dict
 from .distributed import barrier, get_rank, get_world_size, init_from_env, is_distributed, is_main_process
 from .finite_guard import FiniteGuard
 from .meta_arch import SSLMetaArch, unwrap
@@ -90,7 +90,7 @@ class Trainer:
         self._build_data(epoch=0, start_batch=0)
         iters = cfg.optim.iters_per_epoch or self.sampler.batches_per_epoch
         if iters > self.sampler.batches_per_epoch:
-            raise ValueError(
+            raise ConfigError(
                 f"optim.iters_per_epoch={iters} exceeds the {self.sampler.batches_per_epoch} batches an epoch of "
                 f"this dataset holds at data.batch_size={cfg.data.batch_size} x {self.world_size} ranks"
             )

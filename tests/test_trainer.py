@@ -163,3 +163,14 @@ def test_sigkill_at_any_moment_then_resume_matches_straight_run(tmp_path):
         _assert_same_state(straight, resumed)
     except AssertionError as exc:
         raise AssertionError(f"after a kill at {killed_state}: {exc}") from None
+
+
+def test_more_iterations_per_epoch_than_the_data_holds_is_a_config_error(tmp_path, capsys):
+    from flashdino.engine.cli import main as cli_main
+
+    code = cli_main(["train", "--output-dir", str(tmp_path / "run"), "data.dataset=synthetic", "data.synthetic_size=16",
+                     "data.batch_size=8", "optim.iters_per_epoch=3", "eval.after_train=false"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "optim.iters_per_epoch=3 exceeds the 2 batches" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")
