@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="image folder (created and filled with --make-jpegs)")
     parser.add_argument("--make-jpegs", type=int, default=0, metavar="N",
                         help="if DIR has no images, first write N ImageNet-like JPEGs there (from the installed photos)")
+    parser.add_argument("--photos", default=None, metavar="DIR",
+                        help="source photos for --make-jpegs (default: the Debian packages' photos, see shared/DATA.md); "
+                             "a machine without them (the GPU machine) gets a folder of them carried along")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--global-size", type=int, default=224)
@@ -335,7 +338,14 @@ def main(args) -> int:
             print(f"flashdino data bench: no images in '{args.data}' (use --make-jpegs N to generate a set)", file=sys.stderr)
             return 2
         print(f"writing {args.make_jpegs} JPEGs to {args.data} ...", flush=True)
-        make_jpeg_set(args.data, args.make_jpegs, seed=args.seed)
+        sources = None
+        if args.photos:
+            sources = sorted(os.path.join(args.photos, f) for f in os.listdir(args.photos)
+                             if f.lower().endswith((".jpg", ".jpeg", ".png")))
+            if not sources:
+                print(f"flashdino data bench: no photos in --photos '{args.photos}'", file=sys.stderr)
+                return 2
+        make_jpeg_set(args.data, args.make_jpegs, seed=args.seed, sources=sources)
     report = {
         "command": " ".join(shlex.quote(a) for a in ["flashdino"] + sys.argv[1:]) if sys.argv[0].endswith("flashdino")
         else " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),

@@ -44,8 +44,26 @@ def _run(cmd: List[str], cwd: Optional[str] = None) -> Optional[str]:
 def git_info(root: str = _REPO_ROOT) -> Dict[str, object]:
     """Commit of the checkout the code was imported from, and whether it had uncommitted changes."""
     commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
+    if commit is None:
+        # A copy without .git (the GPU machine gets the working tree only): the commit recorded when
+        # the copy was made (scripts/gpu_prepare.sh writes .gpu/commit as "<sha> [dirty]").
+        recorded = _recorded_commit(root)
+        if recorded:
+            return recorded
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root) if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _recorded_commit(root: str) -> Optional[Dict[str, object]]:
+    path = os.path.join(root, ".gpu", "commit")
+    try:
+        with open(path) as fh:
+            words = fh.read().split()
+    except OSError:
+        return None
+    if not words:
+        return None
+    return {"commit": words[0], "dirty": "dirty" in words[1:], "source": path}
 
 
 def device_info(device: torch.device) -> Dict[str, object]:

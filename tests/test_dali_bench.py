@@ -47,3 +47,27 @@ def test_bench_rejects_unknown_variant(tmp_path):
     bench.add_arguments(parser)
     args = parser.parse_args(["--data", str(tmp_path), "--variants", "dali-tpu"])
     assert bench.main(args) == 2
+
+
+def test_make_jpegs_from_a_carried_photo_folder(tmp_path, capsys):
+    """The GPU machine has no Debian photos: --photos takes a folder of them carried along."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, color in enumerate(((200, 30, 30), (30, 200, 30))):
+        Image.new("RGB", (800, 600), color).save(photos / f"p{i}.jpg", quality=95)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    common = ["--batch-size", "2", "--workers", "0", "--batches", "1", "--warmup", "0", "--global-size", "32",
+              "--local-size", "16", "--n-local", "1", "--variants", "torchvision", "--output", str(tmp_path / "out")]
+    args = parser.parse_args(["--data", str(tmp_path / "jpegs"), "--make-jpegs", "4", "--photos", str(photos)] + common)
+    assert bench.main(args) == 0
+    written = sorted(glob.glob(str(tmp_path / "jpegs" / "class_*" / "*.jpg")))
+    assert len(written) == 4
+    with Image.open(written[0]) as img:  # a crop of photo 0 (red), not of an installed photo
+        r, g, b = img.convert("RGB").getpixel((10, 10))
+        assert r > 150 and g < 80
+    (tmp_path / "empty").mkdir()
+    args = parser.parse_args(["--data", str(tmp_path / "jpegs2"), "--make-jpegs", "4", "--photos",
+                              str(tmp_path / "empty")] + common)
+    assert bench.main(args) == 2
+    assert "no photos" in capsys.readouterr().err

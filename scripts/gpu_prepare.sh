@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepare, on the session's own machine, what the GPU machine lacks (docs/GPU_CHECKLIST.md):
+#   .whl/p0 .. .whl/pN  DALI, DeepSpeed, nvtx and their needs, cut into parts that travel one per
+#                       device call (../shared/tools/gpu-wheels.sh);
+#   .gpu/photos         the source photos for the JPEG benchmark set (the GPU machine has none);
+#   .gpu/commit         the commit the results will be measured at (the copy there has no .git).
+# Both folders are git-ignored. Then follow scripts/gpu_session.sh's header.
+# `bash scripts/gpu_prepare.sh commit` rewrites .gpu/commit alone (after a new commit).
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+mkdir -p .gpu
+echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo ' dirty')" > .gpu/commit
+echo "gpu_prepare: .gpu/commit = $(cat .gpu/commit)"
+[ "${1:-}" = commit ] && exit 0
+wheels=../shared/tools/gpu-wheels.sh
+[ -x "$wheels" ] || wheels=/work/shared/tools/gpu-wheels.sh
+bash "$wheels"
+mkdir -p .gpu/photos
+python3 - <<'EOF'
+# Ten photos, shrunk to at most 1600 px (what make_jpeg_set keeps anyway), so they travel in a few MB.
+import glob, os
+from PIL import Image
+globs = ("/usr/share/backgrounds/mate/nature/*.jpg", "/usr/share/libjxl-testdata/jxl/flower/*.jpg")
+paths = sorted(p for g in globs for p in glob.glob(g))[:10]
+if not paths:
+    raise SystemExit("gpu_prepare: no photos installed; apt-get install mate-backgrounds libjxl-testdata (shared/DATA.md)")
+for p in paths:
+    with Image.open(p) as img:
+        img = img.convert("RGB")
+        img.thumbnail((1600, 1600), Image.Resampling.BICUBIC)
+        img.save(os.path.join(".gpu/photos", os.path.basename(p)), "JPEG", quality=95)
+print(f"gpu_prepare: {len(paths)} photos in .gpu/photos")
+EOF
+du -sh .whl/p* .gpu

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU runs of docs/GPU_CHECKLIST.md, as phases that fit the device tool's calls (10 minutes each,
+# 30 minutes of device time per session). Runs ON the GPU machine, in the repository root.
+#
+# Here first:  bash scripts/gpu_prepare.sh            (-> .whl/p0..pN and .gpu/photos, git-ignored)
+# Then device calls, back to back (a warm machine keeps /tmp for about 30 s between calls):
+#   one per wheel part K:  carry [".whl/pK"]           bash scripts/gpu_session.sh wheels K
+#   then:                  carry [".gpu"]              bash scripts/gpu_session.sh setup tests parity
+#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench
+#                          carry [".gpu"]              bash scripts/gpu_session.sh setup kernels data
+#                          carry [".gpu"]              bash scripts/gpu_session.sh setup demo
+# `setup` is idempotent (cheap on a warm machine; it redoes the install on a fresh one, which then
+# needs the wheel calls again). Every call ends by packing what it measured into
+# $OUT/gpu-results-<phases>.tgz; unpack it here with `tar xzf FILE` (it holds profiling/results/...
+# written by the harnesses, and gpu-logs/), then `python -m flashdino.profiling.report --readme README.md`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+LOGS=$ROOT/gpu-logs
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/fd:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fd() { python3 -m flashdino.engine.cli "$@"; }
+status=0
+
+run_phase() {  # name, command...: log to gpu-logs/<name>.log, remember a failure, go on
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+phase_wheels() {  # copy one carried wheel part into /tmp/wc
+  mkdir -p /tmp/wc && cp ".whl/p$1"/* /tmp/wc/ && ls -la /tmp/wc
+}
+
+phase_setup() {
+  if [ ! -e /tmp/site/.flashdino-wheels ]; then
+    ls /tmp/wc/c0* >/dev/null 2>&1 || { echo "setup: no wheel parts in /tmp/wc; make the 'wheels K' calls first"; return 1; }
+    (cd /tmp/wc && cat c0* | tar xf - && python3 -m pip install -q --no-index --no-deps --no-compile \
+      --target /tmp/site /tmp/wc/*.whl) || return 1
+    touch /tmp/site/.flashdino-wheels
+  fi
+  # The flashdino namespace without pip: one link per top-level folder (what setup.py's mapping does).
+  mkdir -p /tmp/fd/flashdino
+  for d in engine kernels pipelines profiling; do ln -sfn "$ROOT/$d" "/tmp/fd/flashdino/$d"; done
+  python3 -m flashdino.pipelines.native.build || echo "setup: native DALI plugin not built; DALI falls back to built-in ops"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 - <<'EOF'
+import importlib
+for name in ("torch", "triton", "nvidia.dali", "deepspeed", "nvtx", "timm", "flash_attn"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name:12s} {getattr(m, '__version__', '?')}")
+    except Exception as exc:  # flash_attn is optional (issue 6)
+        print(f"{name:12s} MISSING ({type(exc).__name__}: {exc})")
+import torch
+print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+EOF
+}
+
+phase_tests() { run_phase tests python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests/; }
+
+phase_parity() {  # issue 6: 200 steps of the fast path against the reference eager path
+  run_phase parity_simdino_vitb16 fd parity --preset simdino_vitb16 --steps 200 runtime.compile=block \
+    runtime.kernels.ema=triton runtime.kernels.coding_rate=triton
+  run_phase parity_simdinov2_vitb16 fd parity --preset simdinov2_vitb16 --steps 50 runtime.compile=block \
+    runtime.kernels.ema=triton runtime.kernels.coding_rate=triton
+}
+
+phase_bench() {  # issue 6 targets; the suite's own parity stage is skipped (phase_parity did it)
+  for preset in simdino_vitb16 simdino_vits16 simdinov2_vitb16; do
+    run_phase "bench_$preset" python3 -m flashdino.profiling.suite --presets "$preset" --skip parity,kernels
+  done
+}
+
+phase_kernels() { run_phase kernels python3 -m flashdino.profiling.kernel_bench; }
+
+phase_data() {  # issue 4: DALI-GPU vs DALI-CPU vs torchvision, and the pipeline's share of a ViT-B step
+  run_phase data fd data bench --data /tmp/jpegs --make-jpegs 6000 --photos .gpu/photos --batch-size 256 \
+    --workers 14 --batches 30 --vit-step 20 --output profiling/results/data_bench
+}
+
+phase_demo() { run_phase demo python3 -m flashdino.engine.eval.demo_report --preset demo_gpu; }
+
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  local tag; tag=$(IFS=-; echo "$*")
+  tar czf "$OUT/gpu-results-$tag.tgz" --exclude='*.pt.trace.json' profiling/results gpu-logs 2>/dev/null
+  ls -la "$OUT"
+}
+
+[ $# -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
+if [ "$1" = wheels ]; then phase_wheels "$2"; exit $?; fi
+phases=("$@")
+for p in "${phases[@]}"; do
+  case $p in
+    setup) phase_setup || { echo "setup failed"; status=1; break; } ;;
+    tests|parity|bench|kernels|data|demo) "phase_$p" ;;
+    *) echo "unknown phase '$p' (setup tests parity bench kernels data demo)"; status=2 ;;
+  esac
+done
+pack "${phases[@]}"
+exit $status
