@@ -6,7 +6,8 @@
 # Then device calls, back to back (a warm machine keeps /tmp for about 30 s between calls):
 #   one per wheel part K:  carry [".whl/pK"]           bash scripts/gpu_session.sh wheels K
 #   then:                  carry [".gpu"]              bash scripts/gpu_session.sh setup tests parity
-#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench
+#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdino_vitb16,simdino_vits16
+#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdinov2_vitb16
 #                          carry [".gpu"]              bash scripts/gpu_session.sh setup kernels data
 #                          carry [".gpu"]              bash scripts/gpu_session.sh setup demo
 # `setup` is idempotent (cheap on a warm machine; it redoes the install on a fresh one, which then
@@ -22,13 +23,21 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/fd:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fd() { python3 -m flashdino.engine.cli "$@"; }
 status=0
+# A call killed at the device tool's limit returns nothing: every phase stops by this deadline, so
+# the results are always packed (GPU_SESSION_SECONDS: the call's timeout minus a margin).
+END=$((SECONDS + ${GPU_SESSION_SECONDS:-560}))
 
 run_phase() {  # name, command...: log to gpu-logs/<name>.log, remember a failure, go on
   local name=$1; shift
-  echo "=== $name: $*"
+  local left=$((END - SECONDS - 15))
+  if [ "$left" -lt 30 ]; then
+    echo "=== $name: skipped, the call's time is used up" | tee "$LOGS/$name.log"; status=1; return
+  fi
+  echo "=== $name (at most $left s): $*"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$LOGS/$name.log"
+  timeout -k 10 "$left" bash -c "$(declare -f fd); \"\$@\"" _ "$@" 2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "=== $name: stopped at the call's deadline" | tee -a "$LOGS/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
   [ "$rc" -eq 0 ] || status=1
 }
@@ -72,7 +81,8 @@ phase_parity() {  # issue 6: 200 steps of the fast path against the reference ea
 }
 
 phase_bench() {  # issue 6 targets; the suite's own parity stage is skipped (phase_parity did it)
-  for preset in simdino_vitb16 simdino_vits16 simdinov2_vitb16; do
+  local presets=${1:-simdino_vitb16,simdino_vits16,simdinov2_vitb16}
+  for preset in ${presets//,/ }; do
     run_phase "bench_$preset" python3 -m flashdino.profiling.suite --presets "$preset" --skip parity,kernels
   done
 }
@@ -88,17 +98,18 @@ phase_demo() { run_phase demo python3 -m flashdino.engine.eval.demo_report --pre
 
 pack() {
   [ -n "${OUT:-}" ] || return 0
-  local tag; tag=$(IFS=-; echo "$*")
+  local tag; tag=$(IFS=-; echo "$*" | tr -c 'A-Za-z0-9_.\n-' '_')
   tar czf "$OUT/gpu-results-$tag.tgz" --exclude='*.pt.trace.json' profiling/results gpu-logs 2>/dev/null
   ls -la "$OUT"
 }
 
-[ $# -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
 if [ "$1" = wheels ]; then phase_wheels "$2"; exit $?; fi
 phases=("$@")
 for p in "${phases[@]}"; do
   case $p in
     setup) phase_setup || { echo "setup failed"; status=1; break; } ;;
+    bench=*) phase_bench "${p#bench=}" ;;
     tests|parity|bench|kernels|data|demo) "phase_$p" ;;
     *) echo "unknown phase '$p' (setup tests parity bench kernels data demo)"; status=2 ;;
   esac
