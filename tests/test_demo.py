@@ -82,6 +82,9 @@ def test_demo_runs_end_to_end_and_is_reported(fmnist_subset, tmp_path):
         report = json.load(fh)
     assert report["kind"] == "flashdino.demo" and report["meta"]["command"].startswith("flashdino train --output-dir")
     assert report["wall_seconds"] > 0 and report["train"]["steps"] == 3
+    from flashdino.profiling.env import git_info
+
+    assert report["meta"]["git"] == git_info()  # taken when the run started; the checkout has not moved since
     assert report["knn"]["top1_top5"]["trained"] == record["results"]["trained"]["knn"]["20"]
     with open(os.path.join(results, reports[1])) as fh:
         assert "| raw pixels |" in fh.read()

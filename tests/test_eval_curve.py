@@ -35,12 +35,16 @@ def test_curve_points_equal_knn_of_each_checkpoint(tmp_path, capsys):
     assert any(not torch.equal(first[k], last[k]) for k in first)  # the points are different networks
     capsys.readouterr()
 
-    assert cli_main(["eval", "curve", "--run", run, "--every", "2", "--device", "cpu", "--num-workers", "0"]) == 0
-    with open(os.path.join(run, "knn_curve.json")) as fh:
+    results = str(tmp_path / "results")
+    assert cli_main(["eval", "curve", "--run", run, "--every", "2", "--device", "cpu", "--num-workers", "0",
+                     "--output", results]) == 0
+    with open(os.path.join(results, "knn_curve.json")) as fh:
         curve = json.load(fh)
     assert [p["step"] for p in curve["points"]] == [8, 24] and curve["k"] == 5
     assert set(curve["baselines"]) == {"random_init", "raw_pixels"}
-    assert os.path.getsize(os.path.join(run, "knn_curve.png")) > 0
+    assert os.path.getsize(os.path.join(results, "knn_curve.png")) > 0
+    meta = curve["meta"]  # a results file says when, where, with what and how it was measured
+    assert meta["date"] and meta["device"]["type"] == "cpu" and meta["versions"]["torch"] and meta["command"]
     for point in curve["points"]:
         out = str(tmp_path / f"knn{point['step']}.json")
         assert cli_main(["eval", "knn", "--checkpoint", point["checkpoint"], "--k", "5", "--device", "cpu",

@@ -3,7 +3,8 @@
 A run keeps step-numbered checkpoints beside checkpoint.pth (``train.keep_checkpoints``; one is
 written every ``train.checkpoint_every`` steps and at every epoch end). This command evaluates
 every ``--every``-th of them, and always the last, with the protocol of ``flashdino eval knn``, and
-writes ``knn_curve.json`` and ``knn_curve.png`` in the run folder. The run's own baselines (random
+writes ``knn_curve.json`` (with the date, device, versions, commit and command) and ``knn_curve.png``
+in the run folder or ``--output``. The run's own baselines (random
 init, raw pixels from ``knn_after_training.json``) are drawn as horizontal lines when present.
 
 Examples:
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=512, help="images per feature-extraction batch")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="folder for knn_curve.json / .png (default: the run folder), e.g. profiling/results/...")
     parser.add_argument("--precision", default="fp32", choices=tuple(AMP_DTYPES),
                         help="feature extraction precision: fp32 (v1 protocol) or autocast fp16/bf16 (v2 protocol)")
 
@@ -84,10 +87,14 @@ def run(args) -> Dict[str, object]:
         acc = result["knn"][k]
         points.append({"step": step, "top1": acc["top1"], "top5": acc["top5"], "checkpoint": path})
         print(f"step {step:>7}  top-1 {acc['top1']:6.2f}%  top-5 {acc['top5']:6.2f}%", flush=True)
-    record = {"run": args.run, "data": description, "k": k, "temperature": temperature, "points": points,
-              "baselines": _run_baselines(args.run, k)}
-    write_json(os.path.join(args.run, CURVE_JSON), record)
-    record["plot"] = _plot(record, os.path.join(args.run, CURVE_PNG))
+    from flashdino.profiling.env import run_metadata
+
+    record = {"kind": "flashdino.knn_curve", "meta": run_metadata(device), "run": args.run, "data": description,
+              "k": k, "temperature": temperature, "points": points, "baselines": _run_baselines(args.run, k)}
+    out = args.output or args.run
+    write_json(os.path.join(out, CURVE_JSON), record)
+    record["plot"] = _plot(record, os.path.join(out, CURVE_PNG))
+    record["output"] = out
     return record
 
 
@@ -117,5 +124,5 @@ def main(args) -> int:
         record = run(args)
     except user_errors() as exc:
         return fail(str(exc))
-    print(f"results: {os.path.join(args.run, CURVE_JSON)}" + (f", {record['plot']}" if record["plot"] else ""))
+    print(f"results: {os.path.join(record['output'], CURVE_JSON)}" + (f", {record['plot']}" if record["plot"] else ""))
     return 0

@@ -36,6 +36,9 @@ def run_demo(preset: str, output_dir: str, overrides: List[str]) -> Dict[str, ob
     if preset != "demo":
         cmd += ["--preset", preset]
     cmd += overrides
+    from flashdino.profiling.env import git_info
+
+    git = git_info()  # the code the run starts with (the checkout may move on while it trains)
     load_before = os.getloadavg()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -52,7 +55,7 @@ def run_demo(preset: str, output_dir: str, overrides: List[str]) -> Dict[str, ob
         knn = json.load(fh)
     # "flashdino train" is what a user types; the child ran the same entry point via python -m.
     user_cmd = "flashdino train " + " ".join(shlex.quote(a) for a in cmd[cmd.index("train") + 1:])
-    return {"command": user_cmd, "wall_seconds": wall, "cpu_seconds": cpu, "load_before": load_before,
+    return {"command": user_cmd, "git": git, "wall_seconds": wall, "cpu_seconds": cpu, "load_before": load_before,
             "load_after": os.getloadavg(), "summary": summary, "knn": knn, "stdout": done.stdout}
 
 
@@ -74,6 +77,8 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = run_metadata(device, command=result["command"])
+    if result.get("git"):
+        meta["git"] = result["git"]
     knn = result["knn"]
     k = str(knn["ks"][0])
     acc = {name: res["knn"][k] for name, res in knn["results"].items()}
