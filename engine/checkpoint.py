@@ -12,7 +12,7 @@ import os
 import random
 import re
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,12 +81,19 @@ def save_checkpoint(output_dir: str, state: Dict[str, Any], step: int, keep: int
     if keep > 0:
         numbered = os.path.join(output_dir, f"checkpoint_step{step}.pth")
         atomic_save(state, numbered)
-        old = sorted(
-            (int(_STEP_RE.search(p).group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint_step*.pth")) if _STEP_RE.search(p)
-        )
-        for _, path in old[:-keep]:
+        for _, path in step_checkpoints(output_dir)[:-keep]:
             os.unlink(path)
     return latest
+
+
+def step_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+    """(step, path) of the step-numbered checkpoints in `output_dir`, by step."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint_step*.pth")):
+        match = _STEP_RE.search(path)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def remove_stale_temp_files(output_dir: str) -> List[str]:

@@ -14,16 +14,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 from typing import Dict, List, Sequence, Tuple
+
+from flashdino.engine.checkpoint import step_checkpoints
 
 from .callbacks import KNN_FILE
 from .cli_common import AMP_DTYPES, check_positive, fail, resolve_device, user_errors, write_json
 
-_STEP = re.compile(r"checkpoint_step(\d+)\.pth$")
 CURVE_JSON, CURVE_PNG = "knn_curve.json", "knn_curve.png"
 
 
@@ -39,16 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for knn_curve.json / .png (default: the run folder), e.g. profiling/results/...")
     parser.add_argument("--precision", default="fp32", choices=tuple(AMP_DTYPES),
                         help="feature extraction precision: fp32 (v1 protocol) or autocast fp16/bf16 (v2 protocol)")
-
-
-def step_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
-    """(step, path) of the run's step-numbered checkpoints, by step."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "checkpoint_step*.pth")):
-        match = _STEP.search(path)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def select(checkpoints: Sequence[Tuple[int, str]], every: int) -> List[Tuple[int, str]]:

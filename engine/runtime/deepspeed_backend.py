@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from flashdino.engine.checkpoint import step_checkpoints
 from flashdino.engine.ema import ZeroFragmentEMA, ZeroPartitionEMA
 from flashdino.engine.optim import build_optimizer, build_param_groups
 
@@ -38,7 +39,6 @@ from .ddp import DistributedConfigError
 
 SHARD_DIR = "deepspeed"
 _TAG_RE = re.compile(r"^step(\d+)$")
-_CHECKPOINT_STEP_RE = re.compile(r"checkpoint_step(\d+)\.pth$")
 
 
 def deepspeed_config(cfg, world_size: int, device: torch.device) -> Dict[str, Any]:
@@ -334,11 +334,7 @@ class DeepSpeedRuntime:
 
     def prune_shards(self, output_dir: str) -> None:
         """Delete shard tags no checkpoint file refers to (after a new checkpoint.pth was written)."""
-        keep = {self._last_tag}
-        for path in glob.glob(os.path.join(output_dir, "checkpoint_step*.pth")):
-            match = _CHECKPOINT_STEP_RE.search(path)
-            if match:
-                keep.add(f"step{match.group(1)}")
+        keep = {self._last_tag} | {f"step{step}" for step, _ in step_checkpoints(output_dir)}
         for path in glob.glob(os.path.join(output_dir, SHARD_DIR, "step*")):
             tag = os.path.basename(path)
             if _TAG_RE.match(tag) and tag not in keep and os.path.isdir(path):
