@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .distributed import barrier, get_rank, get_world_size, init_from_env, is_distributed, is_main_process
 from .finite_guard import FiniteGuard
-from .meta_arch import SSLMetaArch, unwrap
+from .meta_arch import SSLMetaArch
 from .metrics import MetricsLogger
 from .optim import apply_schedule
 from .runtime import build_runtime
@@ -83,6 +83,7 @@ class Trainer:
                                      cuda_graphs=cfg.runtime.cuda_graphs, method=cfg.objective.method)
         self.compile_monitor = CompileMonitor() if cfg.runtime.compile != "none" else None
         self.compile_report = None  # CompileStats of the warm-up step, once it ran
+        self._eval_teacher = None  # (step, teacher backbone for evaluation), see teacher_backbone_for_eval
         self.recompiles_after_warmup = 0
 
         self.loader = self.sampler = self.dataset = None
@@ -137,11 +138,12 @@ class Trainer:
 
     def teacher_backbone_for_eval(self) -> torch.nn.Module:
         """The teacher backbone with all its weights in fp32, for evaluation and plots. Under
-        DeepSpeed a consolidated copy (collective: every rank must call it); otherwise the teacher itself."""
-        consolidate = getattr(self.runtime, "full_teacher_backbone", None)
-        if consolidate is not None:
-            return consolidate()
-        return unwrap(self.model).teacher["backbone"]
+        DeepSpeed a consolidated copy (collective: every rank must call it), made once per step
+        however many end-of-run callbacks ask for it."""
+        step = self.state.step
+        if self._eval_teacher is None or self._eval_teacher[0] != step:
+            self._eval_teacher = (step, self.runtime.eval_teacher_backbone())
+        return self._eval_teacher[1]
 
     def _build_data(self, epoch: int, start_batch: int) -> None:
         cfg = self.cfg

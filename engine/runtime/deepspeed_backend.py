@@ -285,7 +285,7 @@ class DeepSpeedRuntime:
             out[name] = full.detach().float().clone().cpu()
         return out
 
-    def full_teacher_backbone(self) -> torch.nn.Module:
+    def eval_teacher_backbone(self) -> torch.nn.Module:
         """A stand-alone fp32 copy of the whole teacher backbone, for evaluation and plots. The engine's
         own teacher cannot serve: under bf16 its weights are bf16 copies, and under ZeRO-3 each rank
         holds only its partition. Collective: every rank must call it."""

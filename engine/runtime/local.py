@@ -99,6 +99,10 @@ class LocalRuntime:
         else:
             self.ema.update(momentum)
 
+    def eval_teacher_backbone(self) -> torch.nn.Module:
+        """The teacher backbone for evaluation and plots: the model's own (fp32 weights, whole)."""
+        return self.model.teacher["backbone"]
+
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
         model = self.model
