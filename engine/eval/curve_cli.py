@@ -61,16 +61,15 @@ def run(args) -> Dict[str, object]:
     if not checkpoints:
         raise FileNotFoundError(f"'{args.run}' holds no checkpoint_step*.pth; train with train.keep_checkpoints > 0")
     device = resolve_device(args.device)
-    points, readers, transform, description, k = [], None, None, "", args.k
+    points, cfg = [], None
     for step, path in select(checkpoints, args.every):
-        backbone, cfg, _ = load_backbone(path, "teacher", device)
-        if readers is None:  # the evaluation set and protocol come from the run's config, once
+        backbone, checkpoint_cfg, _ = load_backbone(path, "teacher", device)
+        if cfg is None:  # the evaluation set and protocol: the run's config, read once
+            cfg = checkpoint_cfg
             train, test, description = resolve_eval_data(cfg, args.data)
-            readers = (train, test)
             transform = EvalTransform.from_config(cfg)
-            k = k or cfg.eval.knn_k
-            temperature = cfg.eval.knn_temperature
-        result = evaluate_knn(backbone, *readers, transform, ks=[k], temperature=temperature,
+            k, temperature = args.k or cfg.eval.knn_k, cfg.eval.knn_temperature
+        result = evaluate_knn(backbone, train, test, transform, ks=[k], temperature=temperature,
                               batch_size=args.batch_size, num_workers=args.num_workers, device=device,
                               amp_dtype=AMP_DTYPES[args.precision])
         acc = result["knn"][k]
