@@ -145,6 +145,7 @@ class MultiCropAugmentation:
         global_scale: Tuple[float, float] = (0.4, 1.0),
         local_scale: Tuple[float, float] = (0.05, 0.4),
         blur: str = "pil",
+        blur_sigma: Tuple[float, float] = BLUR_RANGE,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
@@ -158,6 +159,8 @@ class MultiCropAugmentation:
         for name, sc in (("global_scale", global_scale), ("local_scale", local_scale)):
             if len(sc) != 2 or not 0 < sc[0] <= sc[1]:
                 raise ValueError(f"MultiCropAugmentation: {name} must be (lo, hi) with 0 < lo <= hi, got {tuple(sc)}")
+        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"MultiCropAugmentation: blur_sigma must be (lo, hi) with 0 < lo <= hi, got {tuple(blur_sigma)}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"MultiCropAugmentation: mean/std must have 3 entries and std > 0, got {mean}, {std}")
         self.global_size = int(global_size)
@@ -166,6 +169,7 @@ class MultiCropAugmentation:
         self.global_scale = tuple(float(x) for x in global_scale)
         self.local_scale = tuple(float(x) for x in local_scale)
         self.blur = blur
+        self.blur_sigma = tuple(float(x) for x in blur_sigma)
         self.mean = tuple(float(x) for x in mean)
         self.std = tuple(float(x) for x in std)
         # Normalize constants as float32 (3, 1, 1), the dtype torchvision's Normalize computes in.
@@ -183,6 +187,7 @@ class MultiCropAugmentation:
             global_scale=tuple(crops_cfg.global_scale),
             local_scale=tuple(crops_cfg.local_scale),
             blur=crops_cfg.blur,
+            blur_sigma=tuple(crops_cfg.blur_sigma),
             mean=tuple(crops_cfg.mean),
             std=tuple(crops_cfg.std),
         )
@@ -194,7 +199,7 @@ class MultiCropAugmentation:
     def __repr__(self) -> str:
         return (
             f"MultiCropAugmentation(global {self.global_size} scale {self.global_scale}, "
-            f"{self.n_local} x local {self.local_size} scale {self.local_scale}, blur={self.blur})"
+            f"{self.n_local} x local {self.local_size} scale {self.local_scale}, blur={self.blur} sigma {self.blur_sigma})"
         )
 
     def _sample_one(self, width, height, size, scale, policy, rng) -> CropParams:
@@ -204,7 +209,7 @@ class MultiCropAugmentation:
         flip = bool(rng.random() < FLIP_PROB)
         jitter = sample_jitter(rng) if rng.random() < JITTER_PROB else None
         grayscale = bool(rng.random() < GRAYSCALE_PROB)
-        blur = _uniform(rng, *BLUR_RANGE) if rng.random() < blur_prob else None
+        blur = _uniform(rng, *self.blur_sigma) if rng.random() < blur_prob else None
         solarize = bool(rng.random() < solarize_prob)
         return CropParams(top, left, h, w, size, flip, jitter, grayscale, blur, solarize)
 

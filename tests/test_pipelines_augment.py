@@ -256,3 +256,27 @@ def test_from_config_and_bad_arguments():
         MultiCropAugmentation(local_scale=(0.5, 0.1))
     with pytest.raises(ValueError, match="n_local"):
         MultiCropAugmentation(n_local=-1)
+    for bad in ((0.0, 1.0), (0.5, 0.2), (0.1,)):
+        with pytest.raises(ValueError, match="blur_sigma"):
+            MultiCropAugmentation(blur_sigma=bad)
+
+
+@pytest.mark.parametrize("sampler", ["reference", "fast"])
+def test_configured_blur_sigma_range_reaches_both_samplers(sampler):
+    # A low-res preset shrinks the recipe's (0.1, 2.0); the reference sampler and the DALI one
+    # (which replays ViewSpec.blur_range) must both draw uniformly from the configured range.
+    from flashdino.pipelines.dali.params import ViewSpec, sample_fast
+
+    aug = MultiCropAugmentation.from_config(CropConfig(global_size=28, local_size=14, n_local=4, blur_sigma=(0.02, 0.3)))
+    assert aug.blur_sigma == (0.02, 0.3)
+    rng = np.random.default_rng(7)
+    if sampler == "reference":
+        sig = np.array([p.blur for _ in range(1500) for p in aug.sample_params(28, 28, rng) if p.blur is not None])
+    else:
+        spec = ViewSpec.from_augmentation(aug)
+        assert spec.blur_range == (0.02, 0.3)
+        sig = np.concatenate([sample_fast(spec, 28, 28, rng).sigma for _ in range(1500)])
+        sig = sig[sig > 0]
+    assert len(sig) > 2000
+    assert sig.min() >= 0.02 and sig.max() <= 0.3
+    assert stats.kstest(sig, "uniform", args=(0.02, 0.28)).pvalue > 1e-3

@@ -69,7 +69,7 @@ class ViewSpec:
             jitter_prob=float(A.JITTER_PROB),
             jitter_strength=tuple(float(A.JITTER_STRENGTH[k]) for k in ("brightness", "contrast", "saturation", "hue")),
             grayscale_prob=float(A.GRAYSCALE_PROB),
-            blur_range=tuple(float(x) for x in A.BLUR_RANGE),
+            blur_range=tuple(float(x) for x in aug.blur_sigma),
         )
 
     def blur_window(self, sigma: np.ndarray) -> np.ndarray:
