@@ -31,8 +31,9 @@ def _builtin_chain(crop, color, order, flags, sigma, v, mean, std, out_dtype, on
     saturation = color[v, 2] * fn.cast(1 - gray, dtype=types.FLOAT)
     x = fn.color_twist(crop, brightness=color[v, 0], contrast=color[v, 1], saturation=saturation,
                        hue=color[v, 3] * 360.0)  # fmt: skip
-    # Window 1 leaves a sample untouched, so blur needs no per-sample branch.
-    x = fn.gaussian_blur(x, sigma=dmath.max(sigma[v], 0.1), window_size=flags[v, 2])
+    # Window 1 leaves a sample untouched, so blur needs no per-sample branch; sigma must still be
+    # positive there, and a floor far below any configured crops.blur_sigma keeps the blurred ones exact.
+    x = fn.gaussian_blur(x, sigma=dmath.max(sigma[v], 1e-3), window_size=flags[v, 2])
     solarize = flags[v, 1]
     if on_gpu:
         solarize = solarize.gpu()
