@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 
 import yaml
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+PRESET_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "presets")
 
 
 def list_presets() -> List[str]:

@@ -39,7 +39,7 @@ from .ranges import PhaseTimer, phase
 from .timing import StepClock, summarize
 
 SIDES = ("engine", "reference")
-DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.realpath(__file__)), "results")
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 
 _LIBRARIES = ("torch", "triton", "numpy", "nvidia-dali-cuda130", "deepspeed", "nvtx", "timm", "flash-attn", "flashdino")
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def library_versions() -> Dict[str, Optional[str]]:

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.realpath(__file__)), "results")
 BEGIN, END = "<!-- flashdino-results:begin -->", "<!-- flashdino-results:end -->"
 
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 PLUGIN_ENV = "FLASHDINO_DALI_PLUGIN"
 PLUGIN_NAME = "libflashdino_dali.so"
 OP_NAME = "FlashdinoColorAugment"
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.realpath(__file__))
 _NATIVE = os.path.join(os.path.dirname(_HERE), "native")
 _REPO = os.path.dirname(os.path.dirname(_HERE))
 

@@ -20,7 +20,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "libflashdino_dali.so"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 DEFAULT_BUILD_DIR = os.path.join(REPO_ROOT, "build", "native")
 SOURCES = ("color_ops.h", "color_augment.h", "color_augment.cc", "color_augment_gpu.cu")
 
@@ -66,7 +66,7 @@ def plugin_is_stale(plugin_path: str) -> bool:
     if not os.path.exists(plugin_path):
         return True
     built = os.path.getmtime(plugin_path)
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.realpath(__file__))
     paths = [os.path.join(here, s) for s in SOURCES] + [os.path.join(REPO_ROOT, "CMakeLists.txt")]
     return any(os.path.exists(p) and os.path.getmtime(p) > built for p in paths)
 
