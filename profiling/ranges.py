@@ -71,7 +71,9 @@ _NULL = contextlib.nullcontext()
 
 def phase(name: str):
     """Context manager marking one phase of a training step."""
-    if not _enabled or torch.compiler.is_compiling():
+    # is_compiling() first: reading `_enabled` inside a compiled region would install a guard on it,
+    # and turning marking on (bench phases, profile) would then recompile the whole step.
+    if torch.compiler.is_compiling() or not _enabled:
         return _NULL
     return _marked(name)
 

@@ -242,3 +242,25 @@ def test_bench_through_the_real_data_pipeline_engine_only(tmp_path):
     assert engine["phases"]["data_wait"]["ms_per_step"] > 0 and engine["mfu"] is None  # no ceiling measured
     assert report["workload"]["data"] == "pipeline" and report["flops"]["per_step"] > 0
     assert not (tmp_path / "bench.png").exists()
+
+
+def test_turning_phase_marking_on_does_not_recompile_a_compiled_step():
+    # A compiled region that marks phases must not guard on the marking switch (under
+    # runtime.compile=full that was a full recompile of the step inside the timed phase steps).
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def step(x):
+        with ranges.phase("loss"):
+            return (x * 2).sum()
+
+    x = torch.randn(8)
+    step(x)
+    with ranges.PhaseTimer("cpu"):
+        step(x)
+    step(x)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
