@@ -138,3 +138,47 @@ def test_compiled_engine_gets_eager_random_draws_only_during_parity(monkeypatch)
     with pytest.raises(RuntimeError, match="stop here"):
         run_parity(tiny("simdino_vits16", "runtime.compile=block"), steps=1)
     assert seen == [True] and inductor_config.fallback_random == before
+
+
+def test_compare_states_against_an_independent_float64_computation():
+    from types import SimpleNamespace
+
+    from flashdino.profiling.parity import compare_states
+
+    def side(seed):
+        g = torch.Generator().manual_seed(seed)
+        m = torch.nn.Module()
+        m.student = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+        m.teacher = torch.nn.Linear(5, 4)
+        m.register_buffer("center", torch.randn(1, 9, generator=g))
+        for p in list(m.student.parameters()) + list(m.teacher.parameters()):
+            p.data = torch.randn(p.shape, generator=g)
+        return m
+
+    ref, eng = side(1), side(1)
+    with torch.no_grad():
+        eng.student[1].weight.add_(torch.randn(3, 7) * 1e-3)
+        eng.student[0].bias.add_(torch.randn(7) * 1e-2)
+        eng.center.mul_(1.5)
+    r, e = SimpleNamespace(model=ref, device=torch.device("cpu")), SimpleNamespace(model=eng, device=torch.device("cpu"))
+    got = compare_states(e, r)
+
+    def expect(a_mod, b_mod):
+        a = {k: v.double() for k, v in a_mod.state_dict().items()}
+        b = {k: v.double() for k, v in b_mod.state_dict().items()}
+        per = {k: ((a[k] - b[k]).norm() / b[k].norm()).item() for k in b}
+        total = math.sqrt(sum(((a[k] - b[k]) ** 2).sum().item() for k in b)) / math.sqrt(sum((b[k] ** 2).sum().item() for k in b))
+        return total, per
+
+    total, per = expect(eng.student, ref.student)
+    assert got["student"]["rel_err"] == pytest.approx(total, rel=1e-12)
+    assert got["student"]["max_tensor_rel_err"] == pytest.approx(max(per.values()), rel=1e-12)
+    assert got["student"]["worst_tensor"] == max(per, key=per.get) and got["student"]["tensors"] == 4
+    assert got["teacher"]["rel_err"] == 0.0 and got["teacher"]["worst_tensor"] == "weight"
+    a, b = eng.center.double(), ref.center.double()
+    assert got["buffers"]["rel_err"] == pytest.approx(((a - b).norm() / b.norm()).item(), rel=1e-12)
+    assert got["buffers"]["rel_err"] == pytest.approx(0.5, rel=1e-6)
+    with torch.no_grad():
+        eng.teacher.bias[0] = float("nan")
+    bad = compare_states(e, r)["teacher"]
+    assert bad["rel_err"] == math.inf and bad["max_tensor_rel_err"] == math.inf and bad["worst_tensor"] == "bias"
