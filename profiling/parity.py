@@ -40,6 +40,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -245,8 +246,12 @@ def _set_fallback_random(value: bool) -> bool:
 
 def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cfg=None,
                tolerances: Optional[Dict[str, float]] = None, pool: int = 4,
-               command: Optional[str] = None, config_file: Optional[str] = None) -> Dict[str, Any]:
+               command: Optional[str] = None, config_file: Optional[str] = None,
+               time_limit: Optional[float] = None) -> Dict[str, Any]:
     """Run `steps` steps of the engine and the reference in lockstep; return the report dict.
+
+    `time_limit` (seconds, from the first step): stop early and report the steps done, as a failed
+    run that says so, instead of being killed by an outer deadline with nothing written.
 
     `reference_cfg` defaults to the reference derived from `engine_cfg`; pass one to compare two
     arbitrary configs (e.g. to check that the harness notices a difference).
@@ -265,13 +270,13 @@ def run_parity(engine_cfg, steps: int = 5, data: str = "synthetic", reference_cf
 
     fallback_random = _set_fallback_random(True) if cfg_e.runtime.compile != "none" else None
     try:
-        return _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_file)
+        return _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_file, time_limit)
     finally:
         if fallback_random is not None:
             _set_fallback_random(fallback_random)
 
 
-def _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_file) -> Dict[str, Any]:
+def _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_file, time_limit) -> Dict[str, Any]:
     precision = cfg_e.train.precision
     reference = harness.build_trainer(cfg_r)
     engine = harness.build_trainer(cfg_e)
@@ -288,9 +293,14 @@ def _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_
         batches = harness.loader_batches(reference)
     seed = cfg_r.train.seed
     records = []
-    engine_error = None
+    engine_error, stopped_early = None, None
+    t0 = time.monotonic()
     try:
         for step in range(steps):
+            if time_limit is not None and step > 0 and time.monotonic() - t0 > time_limit:
+                stopped_early = f"time limit of {time_limit:g} s reached after {step} of {steps} steps"
+                print(f"flashdino parity: {stopped_early}", file=sys.stderr)
+                break
             batch = next(batches)
             harness.seed_step(seed, step)
             losses_r = harness.run_step(reference, batch)
@@ -333,6 +343,7 @@ def _lockstep(cfg_e, cfg_r, steps, data, tol, pool, command, engine_cfg, config_
         "grad_tensors_without_grad_last_step": no_grad,
         "steps": records,
         "engine_error": engine_error,
+        "stopped_early": stopped_early,
         "ok": all(r["ok"] for r in records) and len(records) == steps,
         "first_failure_step": next((r["step"] for r in records if not r["ok"]), None),
     }
@@ -373,8 +384,13 @@ def to_markdown(report: Dict[str, Any]) -> str:
         for label, g in last["grad_norms"].items():
             lines.append(f"| {label} | {g['reference']:.6g} | {g['engine']:.6g} | {g['rel_err']:.3g} |")
     failures = [(r["step"], f) for r in report["steps"] for f in r["failures"]]
-    lines += ["", "Result: " + ("PASS" if report["ok"] else f"FAIL ({len(failures)} violations, first at step "
-                                                             f"{report['first_failure_step']})")]
+    if report.get("stopped_early"):
+        verdict = f"FAIL (incomplete: {report['stopped_early']}; {len(failures)} violations in the steps run)"
+    elif report["ok"]:
+        verdict = "PASS"
+    else:
+        verdict = f"FAIL ({len(failures)} violations, first at step {report['first_failure_step']})"
+    lines += ["", "Result: " + verdict]
     for step, f in failures[:20]:
         lines.append(f"- step {step}: {f}")
     if len(failures) > 20:
@@ -409,6 +425,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol-grad", type=float)
     parser.add_argument("--rtol-param", type=float)
     parser.add_argument("--out", help="output folder (default: profiling/results/parity/<device>/<config label>)")
+    parser.add_argument("--time-limit", type=float, metavar="S",
+                        help="stop after S seconds of steps and write what was compared (the run then fails as incomplete)")
 
 
 def main(args) -> int:
@@ -425,12 +443,14 @@ def main(args) -> int:
         tolerances_for(cfg.train.precision, overrides)
         if args.steps < 1 or args.pool < 1:
             raise ValueError(f"--steps and --pool must be >= 1, got {args.steps} and {args.pool}")
+        if args.time_limit is not None and args.time_limit <= 0:
+            raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     except ValueError as exc:
         print(f"flashdino parity: {exc}", file=sys.stderr)
         return 2
     command = env.cli_command("parity", args)
     report = run_parity(cfg, steps=args.steps, data=args.data, tolerances=overrides, pool=args.pool,
-                        command=command, config_file=args.config)
+                        command=command, config_file=args.config, time_limit=args.time_limit)
     out_dir = args.out or os.path.join(DEFAULT_RESULTS, "parity", _slug(report["meta"]["device"]["name"]),
                                        report["config"]["label"])
     paths = write_outputs(report, out_dir)

@@ -68,6 +68,16 @@ def _gib(side: Optional[Dict[str, Any]]) -> str:
     return "n/a" if mib is None else f"{mib / 1024:.2f}"
 
 
+def _parity_cell(p: Dict[str, Any]) -> str:
+    if p["ok"]:
+        return "pass"
+    if p.get("first_failure_step") is not None:
+        return f"FAIL (step {p['first_failure_step']})"
+    if p.get("stopped_early"):
+        return f"incomplete ({len(p['steps'])} of {p['workload']['steps']} steps, all within tolerance)"
+    return "FAIL"
+
+
 def latest_table(results_dir: str = DEFAULT_RESULTS, include_cpu: bool = False) -> str:
     """Markdown: engine vs reference per (device, config), newest result of each."""
     benches = latest(find_results(results_dir, "flashdino.bench"), include_cpu)
@@ -83,7 +93,7 @@ def latest_table(results_dir: str = DEFAULT_RESULTS, include_cpu: bool = False) 
         sides, w = r["sides"], r["workload"]
         eng, ref = sides.get("engine"), sides.get("reference")
         p = parity.get(_key(r))
-        parity_cell = "-" if p is None else ("pass" if p["ok"] else f"FAIL (step {p['first_failure_step']})")
+        parity_cell = "-" if p is None else _parity_cell(p)
         commit = (r["meta"]["git"].get("commit") or "?")[:8] + ("+" if r["meta"]["git"].get("dirty") else "")
         lines.append(
             f"| {r['meta']['device']['name']} | {r['config']['label']} | {w['method']} {w['arch']}, batch {w['batch_size']}, "

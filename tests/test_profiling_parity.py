@@ -182,3 +182,22 @@ def test_compare_states_against_an_independent_float64_computation():
         eng.teacher.bias[0] = float("nan")
     bad = compare_states(e, r)["teacher"]
     assert bad["rel_err"] == math.inf and bad["max_tensor_rel_err"] == math.inf and bad["worst_tensor"] == "bias"
+
+
+def test_time_limit_stops_early_writes_what_was_compared_and_fails(tmp_path, monkeypatch):
+    # A run cut by an outer deadline wrote nothing; with --time-limit it stops between steps, keeps
+    # the compared steps, and fails as incomplete (its steps alone cannot pass a 200-step check).
+    import flashdino.profiling.parity as parity_mod
+
+    clock = iter(float(t) for t in range(0, 1000, 10))  # every reading 10 s later than the last
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(parity_mod, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    args = ["parity", "--preset", "simdino_vits16", *SMOKE_OVERRIDES, "train.precision=fp32", "--steps", "6",
+            "--time-limit", "25", "--out", str(tmp_path)]
+    assert cli_main(args) == 1
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert not report["ok"] and report["stopped_early"].startswith("time limit of 25 s reached after 3 of 6 steps")
+    assert len(report["steps"]) == 3 and all(r["ok"] for r in report["steps"])
+    assert "FAIL (incomplete: time limit" in (tmp_path / "parity.md").read_text()
+    assert cli_main(["parity", "--preset", "demo", "--time-limit", "0"]) == 2

@@ -89,3 +89,15 @@ def test_bad_cli_numbers_exit_2_before_any_work():
     assert cli_main(["bench", "--preset", "demo", "--threshold", "1.5"]) == 2
     assert cli_main(["bench", "--compare", "x.json"]) == 2  # --compare needs --baseline
     assert cli_main(["profile", "--preset", "demo", "--emit-nvtx"]) == 2
+
+
+def test_incomplete_parity_run_is_named_as_such(tmp_path):
+    _bench(tmp_path / "a" / "bench.json", "NVIDIA H100", "simdino_vitb16-bf16-1", "2026-01-01T00:00:00+00:00", 10.0, 5.0)
+    path = tmp_path / "p" / "parity.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"kind": "flashdino.parity", "meta": {"device": {"name": "NVIDIA H100", "type": "cuda"},
+                                                                     "date": "2026-01-01T00:00:00+00:00"},
+                                "config": {"label": "simdino_vitb16-bf16-1"}, "ok": False, "first_failure_step": None,
+                                "stopped_early": "time limit", "steps": [{}] * 120, "workload": {"steps": 200}}))
+    row = next(line for line in latest_table(str(tmp_path)).splitlines() if line.startswith("| NVIDIA"))
+    assert "incomplete (120 of 200 steps, all within tolerance)" in row
