@@ -88,6 +88,31 @@ def test_forced_sdpa_backends_explain_cpu_fp32_inputs(backend):
         scaled_dot_product(q, k, v, backend)
 
 
+def test_fp32_inputs_under_autocast_get_the_autocast_dtype():
+    # The half-only kernels saw fp32 q (the trainer's attention probe builds fp32 tensors and runs
+    # them under autocast) and refused; now they get what autocast would give a matmul.
+    q, k, v = _qkv()
+    assert all(t.dtype == torch.float32 for t in attn_mod.autocast_inputs(q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(t.dtype == torch.bfloat16 for t in attn_mod.autocast_inputs(q, k, v))
+        half = q.half()
+        assert attn_mod.autocast_inputs(half, half, half)[0].dtype == torch.float16  # not fp32: untouched
+        # on the CPU the cast happens and the device is what the message now names
+        with pytest.raises(RuntimeError, match="got torch.bfloat16 on cpu"):
+            scaled_dot_product(q, k, v, "flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+def test_gpu_forced_backends_take_fp32_inputs_under_autocast(backend):
+    q, k, v = _qkv(torch.float32, shape=(2, 4, 200, 64), device="cuda")
+    ref, _ = numpy_attention(q.cpu(), k.cpu(), v.cpu(), 64 ** -0.5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = scaled_dot_product(q, k, v, backend)
+    assert out.dtype == torch.bfloat16
+    np.testing.assert_allclose(out.float().cpu().numpy(), ref, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.skipif(HAS_FLASH_ATTN, reason="flash-attn is installed here; the missing-package message cannot be shown")
 def test_flash_attn_missing_package_gives_install_hint(monkeypatch):
     monkeypatch.setattr(attn_mod, "_flash_attn_func", None)

@@ -46,6 +46,20 @@ def _require_cuda_half(q: torch.Tensor, backend: str) -> None:
         )
 
 
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v in the autocast dtype when autocast is on and they are fp32, else unchanged.
+
+    The half-only kernels check q's dtype before any op has cast it, and flash-attn ignores
+    autocast: fp32 tensors reaching them under autocast (a probe, an fp32 caller) are what autocast
+    would hand a matmul, so they get the same cast.
+    """
+    kind = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 def ensure_backend_available(backend: str) -> str:
     """Validate the name and, for "flash_attn", import the package now so a missing install fails
     when the model is built rather than at the first training step."""
@@ -132,6 +146,7 @@ def scaled_dot_product(
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if backend in _FORCED_SDPA:
+        q, k, v = autocast_inputs(q, k, v)
         _require_cuda_half(q, backend)
         with sdpa_kernel(_FORCED_SDPA[backend]):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -139,6 +154,7 @@ def scaled_dot_product(
         return attention_probs(q, k, scale) @ v
     if backend == "flash_attn":
         flash_attn_func = _load_flash_attn()
+        q, k, v = autocast_inputs(q, k, v)
         _require_cuda_half(q, backend)
         # flash-attn wants (B, T, heads, head_dim); the transposes are views (last dim stays contiguous).
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
