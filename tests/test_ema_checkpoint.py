@@ -87,3 +87,43 @@ def test_finite_guard_names_step_and_term():
         guard.check()
     assert err.value.step == 1 and err.value.terms[0] == "expa_loss"
     assert "step 1" in str(err.value) and "expa_loss" in str(err.value)
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    import random
+
+    import numpy as np
+
+    saved = ckpt.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()  # move all three on
+    ckpt.set_rng_state(saved)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_cuda_rng_states_restore_the_devices_this_machine_has(monkeypatch):
+    # Saved with 4 visible GPUs, resumed where 2 are visible: the first two are restored, on the CPU
+    # tensors the setter requires, and nothing raises.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: calls.append((i, s.device.type, int(s[0]))))
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}
+    ckpt.set_rng_state(state)
+    assert calls == [(0, "cpu", 0), (1, "cpu", 1)]
+
+
+@pytest.mark.gpu
+def test_resume_with_checkpoint_mapped_to_the_gpu(tmp_path):
+    # The local runtime loads checkpoints with map_location=<its cuda device>.
+    torch.save({"rng": ckpt.rng_state()}, tmp_path / "c.pth")
+    expected = torch.rand(4, device="cuda")
+    state = ckpt.load_checkpoint(str(tmp_path / "c.pth"), map_location=torch.device("cuda", 0))
+    ckpt.set_rng_state(state["rng"])
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
