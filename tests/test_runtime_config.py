@@ -63,6 +63,9 @@ def test_auto_runtime_is_eager_on_cpu_and_fast_on_gpu():
                                                gpu.runtime.kernels.coding_rate} == {"triton"}
     zero3 = build_config("simdinov2_vitb16", overrides=["runtime.distributed=deepspeed", "runtime.zero_stage=3"])
     assert resolve_auto(zero3, torch.device("cuda", 0)).runtime.compile == "none"
+    zero3_auto = build_config("simdinov2_vitb16", overrides=["runtime.zero_stage=3"])  # distributed=auto: DeepSpeed too
+    assert zero3_auto.runtime.distributed == "auto"
+    assert resolve_auto(zero3_auto, torch.device("cuda", 0)).runtime.compile == "none"
     explicit = build_config("simdino_vitb16", overrides=["runtime.compile=full", "runtime.kernels.ema=eager"])
     resolved = resolve_auto(explicit, torch.device("cuda", 0))
     assert resolved.runtime.compile == "full" and resolved.runtime.kernels.ema == "eager"

@@ -20,7 +20,8 @@ def resolve_auto(cfg, device: torch.device):
     on_gpu = torch.device(device).type == "cuda"
     r = cfg.runtime
     if r.compile == "auto":
-        zero3 = r.distributed == "deepspeed" and r.zero_stage == 3
+        # "auto" with a ZeRO stage is DeepSpeed too (engine/runtime/ddp.py), so it counts here.
+        zero3 = r.distributed in ("deepspeed", "auto") and r.zero_stage == 3
         r.compile = "block" if on_gpu and not zero3 else "none"
     for key in KERNEL_KEYS:
         if getattr(r.kernels, key) == "auto":
