@@ -121,7 +121,10 @@ def plot_attention_maps(backbone, images: torch.Tensor, path: str, mean: Sequenc
     was_training = backbone.training
     backbone.eval()
     try:
-        maps = cls_attention(backbone, images.to(next(backbone.parameters()).device)).float().cpu()
+        from flashdino.engine.eval.backbone import attention_for_precision
+
+        with attention_for_precision(backbone, None):  # fp32 images: no half-only attention kernels
+            maps = cls_attention(backbone, images.to(next(backbone.parameters()).device)).float().cpu()
     finally:
         backbone.train(was_training)
     n, heads = maps.shape[:2]

@@ -136,3 +136,22 @@ def test_random_init_backbone_is_the_runs_initialization(tmp_path):
     assert set(ours) == set(theirs)
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+def test_fp32_extraction_runs_a_half_only_attention_model_with_sdpa(backend):
+    # A run trained with runtime.attention=flash hands its teacher to the fp32 k-NN after training;
+    # those kernels raise on fp32 input, so extraction switches to SDPA and back.
+    reader, tf = ArrayReader(n=9), EvalTransform(28, 28)
+    model = _tiny_vit()
+    want = extract_features(model, reader, tf, batch_size=4).features
+    model.set_attention_backend(backend)
+    got = extract_features(model, reader, tf, batch_size=4).features
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert model.attention_backend == backend  # restored
+    from flashdino.engine.eval.backbone import attention_for_precision
+
+    with attention_for_precision(model, torch.bfloat16):  # half autocast: the kernel stays
+        assert model.attention_backend == backend
+    with pytest.raises(RuntimeError, match="needs fp16/bf16 CUDA tensors"):  # the case it protects from
+        model.forward_features(torch.randn(2, 3, 28, 28))

@@ -64,3 +64,10 @@ def test_pick_images_one_per_class_first():
 
     assert pick_images(R(), 3) == [3, 2, 0]  # first image of classes 0, 1, 2
     assert len(set(pick_images(R(), 6))) == 6
+
+
+def test_attention_maps_of_a_half_only_attention_model(tmp_path):
+    model = VisionTransformer(img_size=28, patch_size=4, embed_dim=24, depth=2, num_heads=3)
+    model.set_attention_backend("flash")
+    path = plot_attention_maps(model, torch.randn(2, 3, 28, 28), str(tmp_path / "attn.png"), (0.3,) * 3, (0.3,) * 3)
+    assert _png_size(path)[0] > 100 and model.attention_backend == "flash"

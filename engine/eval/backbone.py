@@ -2,6 +2,7 @@
 same architecture at its random initialization (the baseline a run must beat)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -11,6 +12,8 @@ from flashdino.engine.config import Config, from_dict
 from flashdino.engine.models import VisionTransformer, build_backbone
 
 WHICH = ("teacher", "student")
+# Attention kernels that exist only for fp16/bf16 CUDA tensors (engine/models/attention.py).
+HALF_ONLY_ATTENTION = ("flash", "cudnn", "flash_attn")
 
 
 def config_of_checkpoint(state: dict, path: str) -> Config:
@@ -64,4 +67,23 @@ def eval_attention(cfg: Config, device) -> str:
     # GPU-only attention backends (flash, cudnn, flash_attn) cannot run a CPU evaluation.
     name = cfg.runtime.attention
     on_cpu = device is None or torch.device(device).type == "cpu"
-    return "sdpa" if on_cpu and name in ("flash", "cudnn", "flash_attn") else name
+    return "sdpa" if on_cpu and name in HALF_ONLY_ATTENTION else name
+
+
+@contextlib.contextmanager
+def attention_for_precision(backbone, amp_dtype: Optional[torch.dtype]):
+    """Run `backbone` with SDPA instead of a half-only attention kernel while no fp16/bf16 autocast
+    is on (the fp32 evaluation protocol, attention plots), then switch back.
+
+    A run trained with runtime.attention=flash hands its teacher to the k-NN after training in fp32,
+    where those kernels cannot run; SDPA computes the same attention in any dtype.
+    """
+    name = getattr(backbone, "attention_backend", None)
+    swap = name in HALF_ONLY_ATTENTION and amp_dtype not in (torch.float16, torch.bfloat16)
+    if swap:
+        backbone.set_attention_backend("sdpa")
+    try:
+        yield
+    finally:
+        if swap:
+            backbone.set_attention_backend(name)

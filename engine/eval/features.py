@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .backbone import attention_for_precision
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -220,30 +222,31 @@ def extract_features(
     ok_mask = torch.empty(n, dtype=torch.bool)
     bar = _progress_bar(progress, math.ceil(n / batch_size))
     row = 0
-    try:
-        for images, batch_labels, ok in iterate_batches(reader, transform, batch_size, num_workers, indices):
-            images = images.to(device, non_blocking=True)
-            if amp_dtype is not None:
-                with torch.autocast(device.type, dtype=amp_dtype):
+    with attention_for_precision(backbone, amp_dtype):  # fp32 protocol: no half-only kernels
+        try:
+            for images, batch_labels, ok in iterate_batches(reader, transform, batch_size, num_workers, indices):
+                images = images.to(device, non_blocking=True)
+                if amp_dtype is not None:
+                    with torch.autocast(device.type, dtype=amp_dtype):
+                        feats = feature_fn(backbone, images)
+                else:
                     feats = feature_fn(backbone, images)
-            else:
-                feats = feature_fn(backbone, images)
-            feats = feats.float()
-            if normalize:
-                feats = torch.nn.functional.normalize(feats, dim=-1)
-            if buffer is None:
-                buffer = _allocate(n, feats.shape[1], dtype, out_path)
-            b = feats.shape[0]
-            buffer[row:row + b] = feats.to("cpu", dtype)
-            labels[row:row + b] = batch_labels
-            ok_mask[row:row + b] = ok
-            row += b
+                feats = feats.float()
+                if normalize:
+                    feats = torch.nn.functional.normalize(feats, dim=-1)
+                if buffer is None:
+                    buffer = _allocate(n, feats.shape[1], dtype, out_path)
+                b = feats.shape[0]
+                buffer[row:row + b] = feats.to("cpu", dtype)
+                labels[row:row + b] = batch_labels
+                ok_mask[row:row + b] = ok
+                row += b
+                if bar is not None:
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        backbone.train(was_training)
+                bar.close()
+            backbone.train(was_training)
     order = torch.arange(n) if indices is None else torch.as_tensor(np.asarray(indices, dtype=np.int64))
     failed = [] if bool(ok_mask.all()) else [reader.path(int(i)) for i in order[~ok_mask]]
     if failed:
