@@ -24,6 +24,17 @@ from typing import Any, Dict, List, Optional
 
 VARIANTS = ("dali-gpu", "dali-cpu", "torchvision")
 PHOTO_GLOBS = ("/usr/share/backgrounds/mate/nature/*.jpg", "/usr/share/libjxl-testdata/jxl/flower/*.jpg")
+# A folder of source photos for machines without the Debian packages (the GPU machine gets the
+# ones scripts/gpu_prepare.sh carries); it takes precedence over PHOTO_GLOBS when set.
+PHOTOS_ENV = "FLASHDINO_PHOTOS"
+
+
+def default_photo_paths() -> List[str]:
+    folder = os.environ.get(PHOTOS_ENV)
+    if folder:
+        return sorted(glob.glob(os.path.join(folder, "*.jpg")) + glob.glob(os.path.join(folder, "*.jpeg"))
+                      + glob.glob(os.path.join(folder, "*.png")))
+    return sorted(p for g in PHOTO_GLOBS for p in glob.glob(g))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,9 +79,11 @@ def make_jpeg_set(out_dir: str, n: int, size=(500, 375), quality: int = 90, n_cl
     import numpy as np
     from PIL import Image
 
-    paths = sources if sources is not None else sorted(p for g in PHOTO_GLOBS for p in glob.glob(g))
+    paths = sources if sources is not None else default_photo_paths()
     if not paths:
-        raise FileNotFoundError(f"make_jpeg_set: no source photos found under {', '.join(PHOTO_GLOBS)}")
+        where = os.environ.get(PHOTOS_ENV) or ", ".join(PHOTO_GLOBS)
+        raise FileNotFoundError(f"make_jpeg_set: no source photos found under {where} (install mate-backgrounds "
+                                f"and libjxl-testdata, or point {PHOTOS_ENV} at a folder of photos)")
     rng = np.random.default_rng(seed)
     photos = []
     for p in paths[: max(n_classes, 1)]:

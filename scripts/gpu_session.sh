@@ -20,6 +20,8 @@ LOGS=$ROOT/gpu-logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/fd:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# No Debian photos on this machine: the JPEG sets of the tests and the data bench use the carried ones.
+export FLASHDINO_PHOTOS="$ROOT/.gpu/photos"
 fd() { python3 -m flashdino.engine.cli "$@"; }
 status=0
 # A call killed at the device tool's limit returns nothing: every phase stops by this deadline, so

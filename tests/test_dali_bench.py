@@ -4,6 +4,8 @@ import argparse
 import glob
 import json
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from flashdino.pipelines import bench
@@ -71,3 +73,18 @@ def test_make_jpegs_from_a_carried_photo_folder(tmp_path, capsys):
                               str(tmp_path / "empty")] + common)
     assert bench.main(args) == 2
     assert "no photos" in capsys.readouterr().err
+
+
+def test_photo_folder_from_the_environment_replaces_the_debian_photos(tmp_path, monkeypatch):
+    # The GPU machine's tests build their JPEG sets from the photos carried in .gpu/photos.
+    photos = tmp_path / "carried"
+    photos.mkdir()
+    Image.new("RGB", (640, 480), (10, 120, 200)).save(photos / "a.jpg", quality=95)
+    monkeypatch.setenv(bench.PHOTOS_ENV, str(photos))
+    assert bench.default_photo_paths() == [str(photos / "a.jpg")]
+    paths = bench.make_jpeg_set(str(tmp_path / "set"), 2, size=(64, 48), n_classes=1)
+    with Image.open(paths[0]) as img:
+        assert np.asarray(img.convert("RGB")).mean(axis=(0, 1))[2] > 150  # crops of the carried photo
+    monkeypatch.setenv(bench.PHOTOS_ENV, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=bench.PHOTOS_ENV):
+        bench.make_jpeg_set(str(tmp_path / "none"), 1)

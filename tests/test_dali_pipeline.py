@@ -285,6 +285,8 @@ def test_gpu_loader_matches_cpu_loader(jpeg_dir):
     and agree with the CPU pipeline (decoders may differ slightly: IDCT / hardware decoder)."""
     path = native_build.ensure_native_plugin(cuda="on")
     plugin_mod.load_plugin(path)
+    # The issue's CUDA kernel, not the built-in fallback chain: a plugin built without CUDA fails here.
+    assert plugin_mod.has_backend("gpu"), f"the DALI plugin {path} has no GPU kernel (built without CUDA?)"
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         cfg = _cfg(jpeg_dir, f"train.precision={precision}", "objective.method=simdinov2", "model.style=v2",
                    "model.patch_size=16")  # fmt: skip
