@@ -61,6 +61,14 @@ class TrainState:
     skipped_files: List[str] = field(default_factory=list)
 
 
+def dali_device_id(device: torch.device) -> Optional[int]:
+    """DALI's device_id for the training device: None runs DALI on the CPU; a bare "cuda" (train.device=cuda)
+    means the current device, not the CPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Optional[List[Any]] = None):
         self.callbacks = list(callbacks or [])
@@ -150,7 +158,7 @@ class Trainer:
         if cfg.data.pipeline == "dali":
             from flashdino.pipelines.dali import build_dali_loader
 
-            device_id = self.device.index if self.device.type == "cuda" else None
+            device_id = dali_device_id(self.device)
             self.loader, self.sampler, self.dataset = build_dali_loader(
                 cfg, self.rank, self.world_size, epoch=epoch, start_batch=start_batch, device_id=device_id
             )

@@ -174,3 +174,12 @@ def test_more_iterations_per_epoch_than_the_data_holds_is_a_config_error(tmp_pat
     err = capsys.readouterr().err
     assert "optim.iters_per_epoch=3 exceeds the 2 batches" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")
+
+
+def test_dali_device_id_of_a_bare_cuda_device_is_the_current_device(monkeypatch):
+    from flashdino.engine.trainer import dali_device_id
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert dali_device_id(torch.device("cpu")) is None
+    assert dali_device_id(torch.device("cuda", 1)) == 1
+    assert dali_device_id(torch.device("cuda")) == 3  # was None: DALI silently ran on the CPU

@@ -169,6 +169,8 @@ class DaliMultiCropLoader:
 
     def close(self) -> None:
         """Release the pipeline (and its worker processes)."""
+        for event, _ in self._pending:  # copies still queued read DALI's buffers: let them finish
+            event.synchronize()
         self._pending.clear()
         if self._pipe is not None:
             pipe, self._pipe = self._pipe, None
@@ -196,9 +198,14 @@ class DaliMultiCropLoader:
             yield self._to_batch(outputs, epoch, b)
         self._end_epoch()
 
+    def _output_stream(self):
+        # On the GPU, outputs come back ordered on torch's current stream instead of host-synchronous
+        # (DALI's run() without a stream waits for each batch on the host).
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
     def _end_epoch(self) -> None:
         try:
-            self._pipe.run()
+            self._pipe.run(self._output_stream())
         except StopIteration:
             self._pipe.reset()
             self._pipe_state[2] += 1
@@ -209,7 +216,7 @@ class DaliMultiCropLoader:
     def _run_batch(self, epoch: int, b: int):
         for attempt in range(MAX_RECOVERIES_PER_BATCH + 1):
             try:
-                return self._pipe.run()
+                return self._pipe.run(self._output_stream())
             except StopIteration:
                 raise DaliPipelineError(f"DALI pipeline ended early at epoch {epoch} batch {b}") from None
             except RuntimeError as exc:
