@@ -16,8 +16,6 @@ import datetime
 import glob
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -178,10 +176,19 @@ def run_variant(args, variant: str) -> Dict[str, Any]:
     stats = _run_epochs(loader, sampler, args.batches, args.warmup, sync)
     result.update(stats)
     if variant == "dali-gpu" and args.vit_step > 0:
-        result["vit_step"] = vit_step_share(loader, sampler, args.vit_step, args.device)
+        add_vit_step(result, loader, sampler, args.vit_step, args.device)
     if hasattr(loader, "close"):
         loader.close()
     return result
+
+
+def add_vit_step(result: Dict[str, Any], loader, sampler, steps: int, device_index: int) -> None:
+    """result["vit_step"], or result["vit_step_error"] when the measurement fails (e.g. out of
+    memory): the throughput already in `result` stands either way."""
+    try:
+        result["vit_step"] = vit_step_share(loader, sampler, steps, device_index)
+    except Exception as exc:
+        result["vit_step_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _run_epochs(loader, sampler, batches, warmup, sync):
@@ -198,12 +205,33 @@ def _run_epochs(loader, sampler, batches, warmup, sync):
     return _time_loader(_Cycle(), batches, warmup, sync)
 
 
+VIT_MICRO_BATCH = 64  # images per forward/backward in vit_step_share (issue 6's ViT-B/16 setting)
+
+
+def micro_batches(batch: Dict[str, Any], size: int):
+    """(global, local) crops of `size` images at a time, every view of those images included.
+
+    Crops are view-major: rows v*B .. v*B+B-1 hold view v of the batch's B images."""
+    import torch
+
+    B = batch["global_crops"].shape[0] // 2
+    local = batch["local_crops"]
+    n_local = 0 if local is None else local.shape[0] // B
+    for s in range(0, B, size):
+        e = min(s + size, B)
+        g = torch.cat([batch["global_crops"][v * B + s: v * B + e] for v in range(2)])
+        l = torch.cat([local[v * B + s: v * B + e] for v in range(n_local)]) if n_local else None
+        yield g, l
+
+
 def vit_step_share(loader, sampler, steps: int, device_index: int = 0) -> Dict[str, float]:
     """Time ViT-B/16 student steps on one fixed batch, then fed by the loader each step.
 
     The difference is what the pipeline costs the training step (its GPU kernels competing with the
     model's, plus any wait for data): share = 1 - t_fixed / t_fed. The step is the SimDINO student's
     backbone pass over all crops (the dominant cost of a real step), backward and AdamW, in bf16.
+    One step consumes the whole loader batch in micro-batches of VIT_MICRO_BATCH images (gradient
+    accumulation): a ViT-B graph over 256 images x 12 crops does not fit in 80 GB.
     """
     import torch
 
@@ -215,11 +243,12 @@ def vit_step_share(loader, sampler, steps: int, device_index: int = 0) -> Dict[s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step(batch):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(batch["global_crops"]).float().square().mean()
-            if batch["local_crops"] is not None:
-                out = out + model(batch["local_crops"]).float().square().mean()
-        out.backward()
+        for global_crops, local_crops in micro_batches(batch, VIT_MICRO_BATCH):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(global_crops).float().square().mean()
+                if local_crops is not None:
+                    out = out + model(local_crops).float().square().mean()
+            out.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -250,64 +279,25 @@ def vit_step_share(loader, sampler, steps: int, device_index: int = 0) -> Dict[s
             "pipeline_share": max(0.0, 1.0 - t_fixed / t_fed)}  # fmt: skip
 
 
-def environment(device_index: int = 0) -> Dict[str, Any]:
+def environment(device_index: int, command: str) -> Dict[str, Any]:
+    """The harnesses' run metadata (date, device, driver, versions, commit, command) plus the CPU,
+    whose cores feed the CPU variants."""
     import torch
 
-    env: Dict[str, Any] = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": _cpu_name(),
-        "cpu_cores": os.cpu_count(),
-    }
-    try:
-        import torchvision
+    from flashdino.profiling.env import cpu_model, run_metadata
 
-        env["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
-    try:
-        import nvidia.dali
-
-        env["dali"] = nvidia.dali.__version__
-    except ImportError:
-        env["dali"] = None
-    try:
-        from flashdino.engine.version import __version__
-
-        env["flashdino"] = __version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(device_index)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device"] = f"CPU only ({env['cpu']})"
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    device = torch.device("cuda", device_index) if torch.cuda.is_available() else torch.device("cpu")
+    meta = run_metadata(device, command)
+    meta["cpu"] = {"model": cpu_model(), "cores": os.cpu_count()}
+    return meta
 
 
 def to_markdown(report: Dict[str, Any]) -> str:
-    env, a = report["environment"], report["settings"]
-    lines = [
-        "# flashdino data bench",
-        "",
-        f"- date: {env['date']}",
-        f"- device: {env['device']}; CPU: {env['cpu']} ({env['cpu_cores']} cores)",
-        f"- versions: flashdino {env.get('flashdino')}, torch {env['torch']}, torchvision {env.get('torchvision')}, "
-        f"DALI {env.get('dali')}, Python {env['python']}",
-        f"- command: `{report['command']}`",
+    from flashdino.profiling.env import describe
+
+    meta, a = report["meta"], report["settings"]
+    lines = ["# flashdino data bench", ""] + describe(meta) + [
+        f"- CPU: {meta['cpu']['model']} ({meta['cpu']['cores']} logical cores)",
         f"- crops: 2 x {a['global_size']} + {a['n_local']} x {a['local_size']}, batch {a['batch_size']}, "
         f"{a['precision']}, blur {a['blur']}, {a['batches']} timed batches after {a['warmup']}",
         "",
@@ -328,6 +318,8 @@ def to_markdown(report: Dict[str, Any]) -> str:
             notes.append(r["note"])
         if "error" in r:
             notes.append(f"error: {r['error']}")
+        if "vit_step_error" in r:
+            notes.append(f"ViT-B/16 step not measured: {r['vit_step_error']}")
         if "vit_step" in r:
             v = r["vit_step"]
             notes.append(f"ViT-B/16 step {v['step_s_fixed_batch'] * 1e3:.1f} ms on a fixed batch, "
@@ -359,10 +351,10 @@ def main(args) -> int:
                 print(f"flashdino data bench: no photos in --photos '{args.photos}'", file=sys.stderr)
                 return 2
         make_jpeg_set(args.data, args.make_jpegs, seed=args.seed, sources=sources)
+    from flashdino.profiling.env import cli_command
+
     report = {
-        "command": " ".join(shlex.quote(a) for a in ["flashdino"] + sys.argv[1:]) if sys.argv[0].endswith("flashdino")
-        else " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
-        "environment": environment(args.device),
+        "meta": environment(args.device, cli_command("data bench", args)),
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
         "results": [],
     }

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-_LIBRARIES = ("torch", "triton", "numpy", "nvidia-dali-cuda130", "deepspeed", "nvtx", "timm", "flash-attn", "flashdino")
+_LIBRARIES = ("torch", "triton", "numpy", "torchvision", "deepspeed", "nvtx", "timm", "flash-attn", "flashdino")
+_DALI_PREFIX = "nvidia-dali"  # the package name carries the CUDA major version: nvidia-dali-cuda120, -cuda130
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
@@ -27,6 +28,9 @@ def library_versions() -> Dict[str, Optional[str]]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
+    dali = sorted((d.metadata["Name"], d.version) for d in importlib.metadata.distributions()
+                  if (d.metadata["Name"] or "").lower().startswith(_DALI_PREFIX))
+    out[dali[0][0] if dali else _DALI_PREFIX] = dali[0][1] if dali else None
     out["torch"] = torch.__version__  # carries the build tag (+cu130), the package metadata does not
     out["cuda_runtime"] = torch.version.cuda
     out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
@@ -84,14 +88,14 @@ def device_info(device: torch.device) -> Dict[str, object]:
     return {
         "type": device.type,
         "name": f"CPU ({platform.processor() or platform.machine()})",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
         "logical_cpus": os.cpu_count(),
         "driver": None,
     }
 
 
-def _cpu_model() -> Optional[str]:
+def cpu_model() -> Optional[str]:
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

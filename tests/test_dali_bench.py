@@ -35,12 +35,15 @@ def test_bench_runs_the_cpu_variants_and_writes_results(tmp_path, capsys):
     for v in ("dali-cpu", "torchvision"):
         assert results[v]["images"] == 8 and results[v]["images_per_s"] > 0, results[v]
     assert "skipped" in results["dali-gpu"] or "images_per_s" in results["dali-gpu"]
-    for key in ("date", "device", "torch", "dali", "python"):
-        assert report["environment"][key]
-    assert report["command"]  # the process's own command line (here: pytest's)
+    meta = report["meta"]
+    assert meta["date"] and meta["device"]["name"] and meta["cpu"]["cores"] >= 1 and "commit" in meta["git"]
+    assert meta["versions"]["torch"] and meta["versions"]["python"]
+    assert any(k.startswith("nvidia-dali") and v for k, v in meta["versions"].items())
+    # called from Python: the equivalent command line, rebuilt from the parsed arguments
+    assert meta["command"].startswith("flashdino data bench") and "--make-jpegs 12" in meta["command"]
     assert report["settings"]["make_jpegs"] == 12 and report["settings"]["batch_size"] == 4
     markdown = open(json_path[:-5] + ".md").read()
-    assert "| dali-cpu |" in markdown and report["command"] in markdown
+    assert "| dali-cpu |" in markdown and meta["command"] in markdown and "- git commit:" in markdown
     assert "images/s" in capsys.readouterr().out
 
 
@@ -88,3 +91,42 @@ def test_photo_folder_from_the_environment_replaces_the_debian_photos(tmp_path, 
     monkeypatch.setenv(bench.PHOTOS_ENV, str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match=bench.PHOTOS_ENV):
         bench.make_jpeg_set(str(tmp_path / "none"), 1)
+
+
+def test_micro_batches_keep_every_view_of_the_same_images():
+    import torch
+
+    B, n_local = 5, 3
+    ids = torch.arange(B).float()
+    batch = {"global_crops": torch.cat([ids + 100 * v for v in range(2)]).view(-1, 1),
+             "local_crops": torch.cat([ids + 1000 * (v + 1) for v in range(n_local)]).view(-1, 1)}
+    chunks = list(bench.micro_batches(batch, 2))
+    assert len(chunks) == 3
+    seen = []
+    for g, l in chunks:
+        images = (g[: len(g) // 2].flatten() % 100).long().tolist()
+        assert (g.flatten() % 100).long().tolist() == images * 2  # both global views of these images
+        assert (l.flatten() % 1000).long().tolist() == images * n_local
+        seen += images
+    assert seen == list(range(B))
+    only_global = list(bench.micro_batches({"global_crops": batch["global_crops"], "local_crops": None}, 4))
+    assert [l for _, l in only_global] == [None, None] and sum(len(g) for g, _ in only_global) == 2 * B
+
+
+def test_a_failed_vit_step_keeps_the_measured_throughput(monkeypatch):
+    import torch
+
+    def failing_share(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore lines")
+
+    monkeypatch.setattr(bench, "vit_step_share", failing_share)
+    result = {"variant": "dali-gpu", "images_per_s": 1234.5}
+    bench.add_vit_step(result, loader=None, sampler=None, steps=2, device_index=0)
+    assert result["images_per_s"] == 1234.5 and "vit_step" not in result
+    assert result["vit_step_error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 9 GiB"
+    meta = {"date": "d", "device": {"name": "H100"}, "versions": {"torch": "t"}, "git": {"commit": "abc"},
+            "command": "cmd", "cpu": {"model": "c", "cores": 2}}
+    report = {"meta": meta, "results": [result],
+              "settings": {"global_size": 224, "n_local": 10, "local_size": 96, "batch_size": 256,
+                           "precision": "bf16", "blur": "pil", "batches": 30, "warmup": 3}}
+    assert "| dali-gpu | 1234.5 | ViT-B/16 step not measured: OutOfMemoryError" in bench.to_markdown(report)
