@@ -25,6 +25,8 @@ def test_operator_names_map_to_kernel_families():
     assert flash_attn_kernels(["void flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "ampere_sgemm",
                                "void pytorch_flash::flash_fwd_kernel<X>"]) == [
         "void flash_fwd_kernel<Flash_fwd_kernel_traits<64>>"]
+    fa3 = "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<X>>>(Params)"
+    assert flash_attn_kernels([fa3, "sm90_xmma_gemm_bf16"]) == [fa3]  # FlashAttention-3's Hopper kernels
     assert set(classify_ops(["aten::matmul", "aten::softmax", "aten::_softmax"])) == {"explicit_math"}
     # softmax next to a fused SDPA kernel is not the explicit path
     assert set(classify_ops(["aten::softmax", "aten::_scaled_dot_product_attention_math"])) == {"sdpa_math"}

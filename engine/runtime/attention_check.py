@@ -105,8 +105,10 @@ def _dispatched_ops(fn) -> List[str]:
 def flash_attn_kernels(kernel_names: Sequence[str]) -> List[str]:
     """flash-attn package kernels among profiler kernel names. Older flash-attn releases launch their
     kernels without a torch operator, so only the kernel name shows them; PyTorch's own bundled
-    FlashAttention kernels (namespace ``pytorch_flash``) are not the package."""
-    return sorted({k for k in kernel_names if "flash_fwd" in k and "pytorch_flash" not in k})
+    FlashAttention kernels (namespace ``pytorch_flash``) are not the package. FlashAttention-2 names
+    its kernels ``flash_fwd_*``; FlashAttention-3 (Hopper) ``flash::FlashAttnFwdSm90<...>``."""
+    return sorted({k for k in kernel_names
+                   if ("flash_fwd" in k or "FlashAttnFwd" in k) and "pytorch_flash" not in k})
 
 
 def _cuda_kernel_names(fn) -> List[str]:
