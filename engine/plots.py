@@ -121,9 +121,9 @@ def plot_attention_maps(backbone, images: torch.Tensor, path: str, mean: Sequenc
     was_training = backbone.training
     backbone.eval()
     try:
-        from flashdino.engine.eval.backbone import attention_for_precision
+        from flashdino.engine.eval.backbone import prepared_for_eval
 
-        with attention_for_precision(backbone, None):  # fp32 images: no half-only attention kernels
+        with prepared_for_eval(backbone, None):  # fp32 images, eager blocks
             maps = cls_attention(backbone, images.to(next(backbone.parameters()).device)).float().cpu()
     finally:
         backbone.train(was_training)

@@ -149,9 +149,9 @@ def test_fp32_extraction_runs_a_half_only_attention_model_with_sdpa(backend):
     got = extract_features(model, reader, tf, batch_size=4).features
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert model.attention_backend == backend  # restored
-    from flashdino.engine.eval.backbone import attention_for_precision
+    from flashdino.engine.eval.backbone import prepared_for_eval
 
-    with attention_for_precision(model, torch.bfloat16):  # half autocast: the kernel stays
+    with prepared_for_eval(model, torch.bfloat16):  # half autocast: the kernel stays
         assert model.attention_backend == backend
     with pytest.raises(RuntimeError, match="needs fp16/bf16 CUDA tensors"):  # the case it protects from
         model.forward_features(torch.randn(2, 3, 28, 28))

@@ -178,3 +178,33 @@ def test_dinov2_full_compile_one_graph_through_varying_mask_counts_and_temperatu
     assert trainer.recompiles_after_warmup == 0
     assert all(torch.isfinite(torch.tensor(v)) for step in losses for v in step.values())
     assert not torch.equal(trainer.model.patch_center, center_before)
+
+
+def test_evaluation_runs_compiled_blocks_eagerly_and_restores_them():
+    # A trained teacher compiled per block meets evaluation's new shapes: no recompiles there, and
+    # the compiled graphs are back afterwards for training.
+    from torch._dynamo.testing import CompileCounter
+
+    from flashdino.engine.eval.backbone import prepared_for_eval
+    from flashdino.engine.models import VisionTransformer
+    from flashdino.engine.runtime.compile import compile_blocks
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = VisionTransformer(img_size=28, patch_size=7, embed_dim=24, depth=2, num_heads=2).eval()
+    compile_blocks(model, backend=counter)
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+        compiled = counter.frame_count
+        assert compiled >= 1
+        with prepared_for_eval(model, None):
+            got = model(x)
+            model(torch.randn(7, 3, 28, 28))  # a new batch size
+            assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.blocks)
+        assert counter.frame_count == compiled
+        assert all(b._compiled_call_impl is not None for b in model.blocks)
+        model(x)
+        assert counter.frame_count == compiled  # the restored graphs serve the training shape again
+    torch.testing.assert_close(got, want)
+    torch._dynamo.reset()

@@ -71,19 +71,23 @@ def eval_attention(cfg: Config, device) -> str:
 
 
 @contextlib.contextmanager
-def attention_for_precision(backbone, amp_dtype: Optional[torch.dtype]):
-    """Run `backbone` with SDPA instead of a half-only attention kernel while no fp16/bf16 autocast
-    is on (the fp32 evaluation protocol, attention plots), then switch back.
+def prepared_for_eval(backbone, amp_dtype: Optional[torch.dtype]):
+    """Run a (possibly trained, compiled) backbone for evaluation, and restore it afterwards:
 
-    A run trained with runtime.attention=flash hands its teacher to the k-NN after training in fp32,
-    where those kernels cannot run; SDPA computes the same attention in any dtype.
+    * SDPA instead of a half-only attention kernel while no fp16/bf16 autocast is on (the fp32
+      protocol, attention plots): a run trained with runtime.attention=flash hands its teacher to
+      the k-NN after training in fp32, where those kernels cannot run;
+    * its per-block compiled graphs left aside (eager), so evaluation's new shapes do not recompile.
     """
+    from flashdino.engine.runtime.compile import uncompiled
+
     name = getattr(backbone, "attention_backend", None)
     swap = name in HALF_ONLY_ATTENTION and amp_dtype not in (torch.float16, torch.bfloat16)
     if swap:
         backbone.set_attention_backend("sdpa")
     try:
-        yield
+        with uncompiled(backbone):
+            yield
     finally:
         if swap:
             backbone.set_attention_backend(name)

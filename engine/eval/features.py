@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import attention_for_precision
+from .backbone import prepared_for_eval
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -222,7 +222,7 @@ def extract_features(
     ok_mask = torch.empty(n, dtype=torch.bool)
     bar = _progress_bar(progress, math.ceil(n / batch_size))
     row = 0
-    with attention_for_precision(backbone, amp_dtype):  # fp32 protocol: no half-only kernels
+    with prepared_for_eval(backbone, amp_dtype):  # eager blocks; SDPA for half-only kernels in fp32
         try:
             for images, batch_labels, ok in iterate_batches(reader, transform, batch_size, num_workers, indices):
                 images = images.to(device, non_blocking=True)

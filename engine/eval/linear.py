@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import attention_for_precision
+from .backbone import prepared_for_eval
 
 # DINOv2's learning-rate sweep (spec 5.4); each is multiplied by batch_size / 256.
 V2_LRS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -302,7 +302,7 @@ def augmented_batches(backbone: nn.Module, reader, transform: ProbeTrainTransfor
                 images, labels = images[ok], labels[ok]
                 if len(labels) == 0:
                     continue
-            with torch.no_grad(), attention_for_precision(backbone, amp_dtype):
+            with torch.no_grad(), prepared_for_eval(backbone, amp_dtype):
                 images = images.to(device, non_blocking=True)
                 if amp_dtype is not None:
                     with torch.autocast(device.type, dtype=amp_dtype):

@@ -20,6 +20,8 @@ error that names the line, not a silent slowdown. The optimizer step and the EMA
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 from collections import Counter
 from typing import Callable, Dict, List
@@ -205,6 +207,23 @@ def apply_compile(model: nn.Module, module: nn.Module, mode: str, device, backen
     else:
         compile_forward(model, backend, cuda_graphs)
     return module
+
+
+@contextlib.contextmanager
+def uncompiled(model: nn.Module):
+    """Run `model`'s in-place compiled submodules (runtime.compile=block) eagerly inside the block.
+
+    Evaluation feeds a trained teacher new shapes (batch 512, the last partial batch, the plot
+    images); with dynamic=False every one would recompile every block (and record new CUDA graphs
+    under reduce-overhead), up to the recompile limit, for a pass that runs once."""
+    saved = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl
 
 
 def reset_compiled_state() -> None:
