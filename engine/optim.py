@@ -86,7 +86,9 @@ def build_optimizer(cfg, param_groups: List[dict]) -> torch.optim.Optimizer:
     # Names are bookkeeping; torch.optim ignores unknown group keys but keeps them in the state dict.
     o = cfg.optim
     kwargs = dict(lr=0.0, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=0.0)
-    if torch.cuda.is_available():
+    # The fused kernel where the parameters live on a GPU; on the CPU (even of a GPU machine) the
+    # default implementation, so CPU runs give the same numbers everywhere.
+    if all(p.is_cuda for group in param_groups for p in group["params"]):
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups, **kwargs)
 

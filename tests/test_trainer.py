@@ -183,3 +183,12 @@ def test_dali_device_id_of_a_bare_cuda_device_is_the_current_device(monkeypatch)
     assert dali_device_id(torch.device("cpu")) is None
     assert dali_device_id(torch.device("cuda", 1)) == 1
     assert dali_device_id(torch.device("cuda")) == 3  # was None: DALI silently ran on the CPU
+
+
+def test_an_fp32_checkpoint_resumes_in_fp16(tmp_path):
+    # The fp32 run saves an empty scaler state, which GradScaler refuses to load; the fp16 resume
+    # starts its loss scale afresh instead of crashing.
+    Trainer(tiny_config(tmp_path, "simdino_vits16", "train.max_steps=2", "train.checkpoint_every=2")).fit()
+    resumed = Trainer(tiny_config(tmp_path, "simdino_vits16", "train.max_steps=3", "train.precision=fp16"))
+    assert resumed.state.step == 2 and resumed.runtime.scaler.is_enabled()
+    assert resumed.fit()["steps"] == 3

@@ -121,7 +121,10 @@ class LocalRuntime:
         for name, value in state.get("buffers", {}).items():
             getattr(model, name).copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        # A checkpoint written without fp16 has an empty scaler state (GradScaler refuses to load
+        # one); resuming it in fp16 starts the loss scale afresh, as a new fp16 run would.
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def save_shards(self, output_dir: str, step: int) -> Optional[Dict[str, Any]]:
         """Per-rank files a checkpoint needs besides checkpoint.pth: none here."""
