@@ -156,6 +156,9 @@ class TrainConfig:
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16")})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps: int = 0  # stop after this many steps (0: run the full schedule)
+    # Wall-clock budget of the training loop in minutes (0: none). Checked at log steps; when spent,
+    # the run stops there, checkpoints, evaluates and reports how far it got (a fixed time slot).
+    max_minutes: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 500  # steps between checkpoints (also written at every epoch end)
     keep_checkpoints: int = 1  # extra step-numbered checkpoints kept beside checkpoint.pth

@@ -116,6 +116,8 @@ class Trainer:
         self.total_steps = self.schedules.total_iters
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        if cfg.train.max_minutes < 0:
+            raise ConfigError(f"train.max_minutes must be >= 0 (0: no limit), got {cfg.train.max_minutes}")
         self.logger = MetricsLogger(
             self.output_dir, self.total_steps, self.state.step, cfg.log.jsonl, cfg.log.tensorboard,
             cfg.log.progress_bar, enabled=is_main_process(),
@@ -317,8 +319,9 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         last: Dict[str, float] = {}
         t_start = time.perf_counter()
+        stopped_early = None
         try:
-            while st.step < self.total_steps:
+            while st.step < self.total_steps and stopped_early is None:
                 self._set_epoch(st.epoch, st.batch_in_epoch)
                 batches = iter(self.loader)
                 while st.step < self.total_steps and st.batch_in_epoch < n:
@@ -347,6 +350,11 @@ class Trainer:
                                 cb.on_log(self, st.step, last, losses)
                         self.logger.log(st.step, last)
                         window_start, window_images = time.perf_counter(), 0
+                        if self._time_is_up(t_start):
+                            stopped_early = (f"train.max_minutes={cfg.train.max_minutes:g} reached at step {st.step} "
+                                             f"of {self.total_steps}")
+                            self.logger.write(f"[flashdino] stopping: {stopped_early}")
+                            break
                     if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
                 if st.batch_in_epoch >= n:
@@ -362,6 +370,8 @@ class Trainer:
             "images_seen": st.images_seen,
             "train_seconds": time.perf_counter() - t_start,
             "skipped_images": len(st.skipped_files),
+            "planned_steps": self.total_steps,
+            "stopped_early": stopped_early,
             "last_metrics": last,
             "output_dir": self.output_dir,
             "runtime": self.runtime.name,
@@ -377,6 +387,16 @@ class Trainer:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(self, summary)
         return summary
+
+    def _time_is_up(self, t_start: float) -> bool:
+        """Whether train.max_minutes is spent; every rank gets rank 0's answer (clocks differ)."""
+        limit = self.cfg.train.max_minutes
+        if not limit:
+            return False
+        up = torch.tensor(float(time.perf_counter() - t_start > 60.0 * limit), device=self.device)
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.broadcast(up, src=0)
+        return bool(up)
 
     def _count_skipped(self, batch: Dict[str, Any]) -> None:
         for path in batch.get("skipped") or []:

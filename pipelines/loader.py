@@ -299,6 +299,8 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, 
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        # Workers live across epochs (not re-forked 30 times in a 30-epoch run): every sample's key
+        # carries its epoch (KeyedBatchSampler), so a worker's copy of the dataset is never stale.
+        persistent_workers=cfg.data.num_workers > 0,
     )
     return loader, sampler, dataset

@@ -3,6 +3,7 @@
 #   .whl/p0 .. .whl/pN  DALI, DeepSpeed, nvtx and their needs, cut into parts that travel one per
 #                       device call (../shared/tools/gpu-wheels.sh);
 #   .gpu/photos         the source photos for the JPEG benchmark set (the GPU machine has none);
+#   .gpu/fashion-mnist  the demo's dataset (30 MB; the GPU machine lacks the Debian package);
 #   .gpu/commit         the commit the results will be measured at (the copy there has no .git).
 # Both folders are git-ignored. Then follow scripts/gpu_session.sh's header.
 # `bash scripts/gpu_prepare.sh commit` rewrites .gpu/commit alone (after a new commit).
@@ -31,4 +32,9 @@ for p in paths:
         img.save(os.path.join(".gpu/photos", os.path.basename(p)), "JPEG", quality=95)
 print(f"gpu_prepare: {len(paths)} photos in .gpu/photos")
 EOF
+fmnist=/usr/share/datasets/fashion-mnist
+[ -e "$fmnist/train-images-idx3-ubyte.gz" ] || {
+  echo "gpu_prepare: no Fashion-MNIST; apt-get install dataset-fashion-mnist (shared/DATA.md)"; exit 1; }
+mkdir -p .gpu/fashion-mnist && cp "$fmnist"/*.gz .gpu/fashion-mnist/
+echo "gpu_prepare: Fashion-MNIST in .gpu/fashion-mnist"
 du -sh .whl/p* .gpu

@@ -263,3 +263,22 @@ def test_build_train_loader_masks_only_for_v2_methods():
     assert all(b["masks"].shape == (8, 16) for b in batches)  # grid = 16 // 4 = 4x4
     n_masked = [int((b["masks"].sum(1) > 0).sum()) for b in batches]
     assert all(n <= 4 for n in n_masked) and sum(n_masked) > 0
+
+
+def test_persistent_workers_give_each_epoch_its_own_crops():
+    # The workers outlive the epoch (persistent_workers) while the main process moves the epoch on:
+    # every epoch must equal a fresh single-process loader's, and differ from the last one.
+    def epochs(workers):
+        loader, sampler, _ = build_train_loader(_cfg(**{"data.num_workers": workers}))
+        out = []
+        for e in range(3):
+            sampler.set_epoch(e)
+            out.append(torch.cat([b["global_crops"] for b in loader]))
+        return loader, out
+
+    persistent, with_workers = epochs(2)
+    assert persistent.persistent_workers
+    _, single = epochs(0)
+    for a, b in zip(with_workers, single):
+        assert torch.equal(a, b)
+    assert not torch.equal(with_workers[0], with_workers[1])

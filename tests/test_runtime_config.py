@@ -66,6 +66,9 @@ def test_auto_runtime_is_eager_on_cpu_and_fast_on_gpu():
     zero3_auto = build_config("simdinov2_vitb16", overrides=["runtime.zero_stage=3"])  # distributed=auto: DeepSpeed too
     assert zero3_auto.runtime.distributed == "auto"
     assert resolve_auto(zero3_auto, torch.device("cuda", 0)).runtime.compile == "none"
+    full = resolve_auto(build_config("dino_vits16", overrides=["runtime.compile=full"]), torch.device("cuda", 0))
+    assert (full.runtime.kernels.centering, full.runtime.kernels.coding_rate, full.runtime.kernels.ema) == (
+        "eager", "eager", "triton")  # the loss is traced by inductor; the EMA runs outside the graph
     explicit = build_config("simdino_vitb16", overrides=["runtime.compile=full", "runtime.kernels.ema=eager"])
     resolved = resolve_auto(explicit, torch.device("cuda", 0))
     assert resolved.runtime.compile == "full" and resolved.runtime.kernels.ema == "eager"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flashdino.engine import checkpoint as ckpt
-from flashdino.engine.config import build_config
+from flashdino.engine.config import ConfigError, build_config
 from flashdino.engine.finite_guard import NonFiniteLossError
 from flashdino.engine.trainer import Trainer
 
@@ -192,3 +192,16 @@ def test_an_fp32_checkpoint_resumes_in_fp16(tmp_path):
     resumed = Trainer(tiny_config(tmp_path, "simdino_vits16", "train.max_steps=3", "train.precision=fp16"))
     assert resumed.state.step == 2 and resumed.runtime.scaler.is_enabled()
     assert resumed.fit()["steps"] == 3
+
+
+def test_max_minutes_stops_at_a_log_step_checkpoints_and_says_so(tmp_path):
+    cfg = tiny_config(tmp_path, "simdino_vits16", "train.max_minutes=1e-9", "train.log_every=2")
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary["steps"] == 2 and summary["planned_steps"] == trainer.total_steps > 2
+    assert summary["stopped_early"] == f"train.max_minutes=1e-09 reached at step 2 of {trainer.total_steps}"
+    assert ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path)))["train_state"]["step"] == 2
+    unlimited = Trainer(tiny_config(tmp_path / "full", "simdino_vits16", "train.max_steps=3")).fit()
+    assert unlimited["stopped_early"] is None and unlimited["steps"] == 3
+    with pytest.raises(ConfigError, match="train.max_minutes must be >= 0"):
+        Trainer(tiny_config(tmp_path / "bad", "simdino_vits16", "train.max_minutes=-1"))

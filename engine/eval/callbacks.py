@@ -78,7 +78,7 @@ class KnnAfterTraining:
                                               self.transform, **common)
         if self.transform.size <= RAW_PIXEL_MAX_SIZE:
             results["raw_pixels"] = raw_pixel_knn(self.train_reader, self.test_reader, self.transform, ks=self.ks,
-                                                  temperature=cfg.eval.knn_temperature)
+                                                  temperature=cfg.eval.knn_temperature, device=device)
         record = {"data": self.description, "transform": repr(self.transform), "ks": self.ks,
                   "temperature": cfg.eval.knn_temperature, "step": summary.get("steps"), "results": results,
                   "seconds": time.perf_counter() - t0}
@@ -176,6 +176,8 @@ def format_summary(cfg, trainer, summary: Dict[str, object], first: Optional[Dic
                + (f" (preset {cfg.preset})" if cfg.preset else ""))
     out.append(f"trained    {summary.get('steps')} steps, {float(summary.get('epochs') or 0):.2f} epochs, "
                f"{images:,} images in {_duration(seconds)} ({images / max(seconds, 1e-9):.0f} img/s) on {trainer.device}")
+    if summary.get("stopped_early"):
+        out.append(f"           STOPPED EARLY: {summary['stopped_early']} (the schedule did not finish)")
     out.append(f"losses     first log: {_losses(first)}")
     out.append(f"           last log:  {_losses(summary.get('last_metrics'))}")
     collapse = summary.get("collapse")

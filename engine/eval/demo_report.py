@@ -41,22 +41,26 @@ def run_demo(preset: str, output_dir: str, overrides: List[str]) -> Dict[str, ob
     git = git_info()  # the code the run starts with (the checkout may move on while it trains)
     load_before = os.getloadavg()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child writes straight into files, so a run stopped from outside (a deadline) leaves its
+    # output behind instead of losing what a pipe held.
+    out_path, err_path = os.path.join(output_dir, "demo_stdout.txt"), os.path.join(output_dir, "demo_stderr.txt")
+    with open(out_path, "w") as out_fh, open(err_path, "w") as err_fh:
+        returncode = subprocess.run(cmd, stdout=out_fh, stderr=err_fh, text=True).returncode
     wall = time.perf_counter() - t0
     cpu = _cpu_seconds() - cpu0
-    with open(os.path.join(output_dir, "demo_stdout.txt"), "w") as fh:
-        fh.write(done.stdout)
-    with open(os.path.join(output_dir, "demo_stderr.txt"), "w") as fh:
-        fh.write(done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"the demo failed (exit {done.returncode}); its stderr ends with:\n{done.stderr[-3000:]}")
-    summary = _last_json_line(done.stderr)
+    with open(out_path) as fh:
+        stdout = fh.read()
+    with open(err_path) as fh:
+        stderr = fh.read()
+    if returncode != 0:
+        raise RuntimeError(f"the demo failed (exit {returncode}); its stderr ({err_path}) ends with:\n{stderr[-3000:]}")
+    summary = _last_json_line(stderr)
     with open(os.path.join(output_dir, KNN_FILE)) as fh:
         knn = json.load(fh)
     # "flashdino train" is what a user types; the child ran the same entry point via python -m.
     user_cmd = "flashdino train " + " ".join(shlex.quote(a) for a in cmd[cmd.index("train") + 1:])
     return {"command": user_cmd, "git": git, "wall_seconds": wall, "cpu_seconds": cpu, "load_before": load_before,
-            "load_after": os.getloadavg(), "summary": summary, "knn": knn, "stdout": done.stdout}
+            "load_after": os.getloadavg(), "summary": summary, "knn": knn, "stdout": stdout}
 
 
 def _last_json_line(text: str) -> Dict[str, object]:
@@ -92,8 +96,8 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
     record = {"kind": "flashdino.demo", "meta": meta, "preset": preset, "wall_seconds": result["wall_seconds"],
               "cpu_seconds": result["cpu_seconds"], "load_before": result["load_before"],
               "load_after": result["load_after"], "budget_seconds": budget, "verdict": verdict,
-              "train": {k2: summary.get(k2) for k2 in ("steps", "epochs", "images_seen", "train_seconds",
-                                                       "eval_seconds", "collapse")},
+              "train": {k2: summary.get(k2) for k2 in ("steps", "planned_steps", "stopped_early", "epochs",
+                                                       "images_seen", "train_seconds", "eval_seconds", "collapse")},
               "knn": {"k": int(k), "temperature": knn["temperature"], "data": knn["data"], "top1_top5": acc,
                       "seconds": knn.get("seconds")}}
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
@@ -111,7 +115,8 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
         f"that is other processes sharing the machine)",
         f"- training: {summary.get('steps')} steps, {float(summary.get('epochs') or 0):.2f} epochs, "
         f"{summary.get('images_seen')} images in {float(summary.get('train_seconds') or 0):.0f} s; "
-        f"evaluation {float(summary.get('eval_seconds') or 0):.0f} s",
+        f"evaluation {float(summary.get('eval_seconds') or 0):.0f} s"
+        + (f"; **stopped early**: {summary['stopped_early']}" if summary.get("stopped_early") else ""),
         "", f"Weighted {k}-NN (T = {knn['temperature']}, cosine, L2-normalized features), {knn['data']}:", "",
         "| features | top-1 | top-5 |", "|---|---|---|",
     ]

@@ -12,6 +12,7 @@ import copy
 import torch
 
 KERNEL_KEYS = ("ema", "centering", "coding_rate")
+LOSS_KERNEL_KEYS = ("centering", "coding_rate")
 
 
 def resolve_auto(cfg, device: torch.device):
@@ -25,5 +26,9 @@ def resolve_auto(cfg, device: torch.device):
         r.compile = "block" if on_gpu and not zero3 else "none"
     for key in KERNEL_KEYS:
         if getattr(r.kernels, key) == "auto":
-            setattr(r.kernels, key, "triton" if on_gpu else "eager")
+            # Under compile=full the loss is inside the compiled graph: its eager reference is what
+            # inductor traces and fuses (the Triton loss kernels have not been shown traceable with
+            # fullgraph=True; DINO's takes its temperature as a Python float). The EMA runs outside.
+            in_graph = r.compile == "full" and key in LOSS_KERNEL_KEYS
+            setattr(r.kernels, key, "triton" if on_gpu and not in_graph else "eager")
     return cfg
