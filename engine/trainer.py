@@ -350,11 +350,13 @@ class Trainer:
                                 cb.on_log(self, st.step, last, losses)
                         self.logger.log(st.step, last)
                         window_start, window_images = time.perf_counter(), 0
-                        if self._time_is_up(t_start):
-                            stopped_early = (f"train.max_minutes={cfg.train.max_minutes:g} reached at step {st.step} "
-                                             f"of {self.total_steps}")
-                            self.logger.write(f"[flashdino] stopping: {stopped_early}")
-                            break
+                    # One process decides from its own clock every step; several ranks agree at log
+                    # steps (rank 0's clock), where they synchronize anyway.
+                    if (self.world_size == 1 or st.step % log_every == 0) and self._time_is_up(t_start):
+                        stopped_early = (f"train.max_minutes={cfg.train.max_minutes:g} reached at step {st.step} "
+                                         f"of {self.total_steps}")
+                        self.logger.write(f"[flashdino] stopping: {stopped_early}")
+                        break
                     if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
                 if st.batch_in_epoch >= n:
@@ -393,10 +395,12 @@ class Trainer:
         limit = self.cfg.train.max_minutes
         if not limit:
             return False
-        up = torch.tensor(float(time.perf_counter() - t_start > 60.0 * limit), device=self.device)
+        up = time.perf_counter() - t_start > 60.0 * limit
         if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.broadcast(up, src=0)
-        return bool(up)
+            flag = torch.tensor(float(up), device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            up = bool(flag)
+        return up
 
     def _count_skipped(self, batch: Dict[str, Any]) -> None:
         for path in batch.get("skipped") or []:

@@ -235,7 +235,21 @@ def job_eval_at_end(rank, folder):
             "full_teacher": _full_teacher(trainer), "output_dir": trainer.output_dir}
 
 
-JOBS = {"eval_at_end": job_eval_at_end, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
+def job_time_limit(rank, folder):
+    """train.max_minutes under DDP: rank 1's clock never runs out, rank 0's does at once; both must
+    stop at the same (log) step, or the next collective would hang."""
+    import flashdino.engine.trainer as trainer_mod
+    from flashdino.engine.trainer import Trainer
+
+    if rank == 1:
+        trainer_mod.time = type("FrozenClock", (), {"perf_counter": staticmethod(lambda: 0.0)})
+    cfg = tiny_config(os.path.join(folder, "run"), "runtime.distributed=ddp", "train.precision=fp32",
+                      "train.max_minutes=1e-9", "train.log_every=2", "train.resume=false")
+    summary = Trainer(cfg).fit()
+    return {"steps": summary["steps"], "stopped_early": summary["stopped_early"]}
+
+
+JOBS = {"eval_at_end": job_eval_at_end, "time_limit": job_time_limit, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
         "single_process_zero": job_single_process_zero}
 
 
@@ -354,3 +368,9 @@ if "deepspeed" not in sys.modules:
         import deepspeed  # noqa: F401
     except ImportError:  # pragma: no cover
         pytestmark = pytest.mark.skip(reason="deepspeed is not installed")
+
+
+def test_max_minutes_stops_every_rank_at_the_same_step(tmp_path):
+    ranks = run_on_two_ranks("time_limit", tmp_path)
+    assert [r["steps"] for r in ranks] == [2, 2]  # the first log step, on rank 0's clock
+    assert all(r["stopped_early"].startswith("train.max_minutes=1e-09 reached at step 2") for r in ranks)
