@@ -155,6 +155,12 @@ class Trainer:
             self._eval_teacher = (step, self.runtime.eval_teacher_backbone())
         return self._eval_teacher[1]
 
+    @property
+    def image_reader(self):
+        """The dataset reader behind the training loader (the torchvision loader wraps it in a
+        MultiCropDataset; the DALI loader hands it over as is)."""
+        return getattr(self.dataset, "reader", self.dataset)
+
     def _build_data(self, epoch: int, start_batch: int) -> None:
         cfg = self.cfg
         if cfg.data.pipeline == "dali":

@@ -74,6 +74,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._known_corrupt: Dict[int, str] = {}  # per process: skip re-decoding files already found broken
 
+    @property
+    def reader(self):
+        """The wrapped dataset reader (load/path/len): what single-image consumers (plots) read."""
+        return self.dataset
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 

@@ -206,3 +206,14 @@ def test_max_minutes_stops_checkpoints_and_says_so(tmp_path):
     assert unlimited["stopped_early"] is None and unlimited["steps"] == 3
     with pytest.raises(ConfigError, match="train.max_minutes must be >= 0"):
         Trainer(tiny_config(tmp_path / "bad", "simdino_vits16", "train.max_minutes=-1"))
+
+
+def test_plots_without_an_evaluation_read_the_training_images(tmp_path):
+    # No k-NN after training: the attention maps take their images from the training reader, which
+    # the torchvision loader wraps (the plot failed with "MultiCropDataset has no attribute load").
+    pytest.importorskip("matplotlib")
+    cfg = tiny_config(tmp_path, "simdino_vits16", "train.max_steps=2", "log.plots=true", "eval.after_train=false")
+    from flashdino.engine.eval.callbacks import build_callbacks
+
+    summary = Trainer(cfg, build_callbacks(cfg)).fit()
+    assert sorted(os.path.basename(p) for p in summary["plots"]) == ["attention_maps.png", "loss_curves.png"]

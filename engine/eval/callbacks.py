@@ -117,7 +117,7 @@ class EndOfRunPlots:
                                                       title=f"{self.cfg.objective.method} - {out}"))
             else:
                 problems.append("no metrics.jsonl (log.jsonl=false): loss curves skipped")
-            reader = self.images_reader or trainer.dataset
+            reader = self.images_reader or trainer.image_reader
             transform = EvalTransform.from_config(self.cfg, self.cfg.model.img_size, self.cfg.model.img_size)
             images = plots.load_images(reader, plots.pick_images(reader, ATTENTION_IMAGES), transform)
             written.append(plots.plot_attention_maps(
