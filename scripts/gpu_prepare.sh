@@ -4,6 +4,9 @@
 #                       device call (../shared/tools/gpu-wheels.sh);
 #   .gpu/photos         the source photos for the JPEG benchmark set (the GPU machine has none);
 #   .gpu/fashion-mnist  the demo's dataset (30 MB; the GPU machine lacks the Debian package);
+#   .gpu/fallback       wheels of the project's light dependencies (torchvision for torch 2.11,
+#                       PyYAML, tqdm, pytest): gpu_session.sh installs one only when the machine
+#                       cannot import that module, behind the machine's own packages (~9 MB);
 #   .gpu/commit         the commit the results will be measured at (the copy there has no .git).
 # Both folders are git-ignored. Then follow scripts/gpu_session.sh's header.
 # `bash scripts/gpu_prepare.sh commit` rewrites .gpu/commit alone (after a new commit).
@@ -32,6 +35,11 @@ for p in paths:
         img.save(os.path.join(".gpu/photos", os.path.basename(p)), "JPEG", quality=95)
 print(f"gpu_prepare: {len(paths)} photos in .gpu/photos")
 EOF
+rm -rf .gpu/fallback && mkdir -p .gpu/fallback
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .gpu/fallback torchvision==0.26.0 pyyaml tqdm pytest pluggy iniconfig packaging
+echo "gpu_prepare: fallback wheels in .gpu/fallback: $(ls .gpu/fallback | tr '\n' ' ')"
 fmnist=/usr/share/datasets/fashion-mnist
 [ -e "$fmnist/train-images-idx3-ubyte.gz" ] || {
   echo "gpu_prepare: no Fashion-MNIST; apt-get install dataset-fashion-mnist (shared/DATA.md)"; exit 1; }

@@ -23,7 +23,9 @@ def plugin():
     reason = native_build.missing_requirement("off")
     if reason:
         pytest.skip(f"cannot build the DALI plugin here: {reason}")
-    path = native_build.ensure_native_plugin(cuda="off")
+    # "auto": with nvcc present (CI, the GPU machine) the one shared build carries the CUDA kernel
+    # too; a CPU-only build made here first would be reused, and loaded, by the GPU tests.
+    path = native_build.ensure_native_plugin(cuda="auto")
     assert path is not None, "building the DALI plugin failed although cmake, a compiler and DALI are present"
     from flashdino.pipelines.dali import plugin as plugin_mod
 

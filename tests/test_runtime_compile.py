@@ -154,7 +154,7 @@ def test_inductor_block_compile_on_cpu_matches_eager(tmp_path, monkeypatch):
 def test_cuda_graphs_block_compile_matches_eager_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "inductor")
     common = ("model.drop_path_rate=0", "train.seed=5", "train.device=cuda")
-    eager = make_trainer(tmp_path / "eager", "simdino_vits16", *common)
+    eager = make_trainer(tmp_path / "eager", "simdino_vits16", "runtime.compile=none", *common)  # auto = block on a GPU
     graphs = make_trainer(tmp_path / "graphs", "simdino_vits16", "runtime.compile=block", "runtime.cuda_graphs=true",
                           *common)
     data = batches(eager, 3)
