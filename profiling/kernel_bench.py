@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from .env import git_info
+
 if not torch.cuda.is_available():  # must precede the first Triton import (kernels are decorated then)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -305,7 +307,9 @@ def to_markdown(report: dict) -> str:
         f"- date: {meta['date']}", f"- device: {meta['device']}",
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- command: `{meta['command']}`",
-        f"- mode: {meta['mode']}",
+        f"- git commit: {((meta.get('git') or {}).get('commit') or 'unknown')[:12]}",
+        f"- mode: {meta['mode']}" + ("" if meta.get("complete", True) else
+                                      f"; **incomplete**: only {', '.join(meta['kernels_done'])} finished"),
         f"- ceilings (same run): copy {ceil['copy_gbps']:.1f} GB/s; bf16 matmul "
         f"{ceil['matmul_bf16_tflops']:.2f} TFLOP/s ({'x'.join(map(str, ceil['matmul_shape']))})", "",
         "| kernel | case | impl | time (ms) | GB/s | % copy BW | TFLOP/s | % matmul | speedup vs eager | peak MiB |",
@@ -343,13 +347,33 @@ def run_benchmarks(kernels=None, tiny: bool | None = None, out_dir: str | None =
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 paths are measured as the parity tests run them
     ceilings = measure_ceilings(device, timer, tiny)
     results = []
-    for k in kernels:
+    report = None
+    for i, k in enumerate(kernels):
         results += _speedups(BENCHES[k](device, timer, ceilings, tiny))
+        # Written after every kernel family: a run stopped from outside (a session's deadline) keeps
+        # the families it finished, marked incomplete.
+        report = _report(device, tiny, repeats, warmup, command, ceilings, results, done=kernels[: i + 1],
+                         complete=i == len(kernels) - 1)
+        if out_dir:
+            _write(report, out_dir)
+    return report
+
+
+def _write(report: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in (("kernel_bench.json", json.dumps(report, indent=2)), ("kernel_bench.md", to_markdown(report))):
+        tmp = os.path.join(out_dir, name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+
+def _report(device, tiny, repeats, warmup, command, ceilings, results, done, complete) -> dict:
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"CPU ({platform.processor() or platform.machine()})"
-    report = {
+    return {
         "meta": {
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name,
@@ -359,17 +383,13 @@ def run_benchmarks(kernels=None, tiny: bool | None = None, out_dir: str | None =
             "tiny": tiny,
             "repeats": repeats,
             "warmup": warmup,
+            "git": git_info(),
+            "kernels_done": list(done),
+            "complete": complete,
         },
         "ceilings": ceilings,
-        "results": results,
+        "results": list(results),
     }
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "kernel_bench.json"), "w") as fh:
-            json.dump(report, fh, indent=2)
-        with open(os.path.join(out_dir, "kernel_bench.md"), "w") as fh:
-            fh.write(to_markdown(report))
-    return report
 
 
 def main(argv=None):

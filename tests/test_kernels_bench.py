@@ -32,3 +32,19 @@ def test_bench_writes_json_and_markdown(tmp_path):
 def test_bench_rejects_unknown_kernel():
     with pytest.raises(ValueError, match="unknown kernel"):
         run_benchmarks(["gemm"], tiny=True)
+
+
+def test_results_are_written_after_each_kernel_family(tmp_path, monkeypatch):
+    # A run killed by a session's deadline keeps the families it finished, marked incomplete.
+    import flashdino.profiling.kernel_bench as kb
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("the call's deadline")
+
+    monkeypatch.setitem(kb.BENCHES, "simdino", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmarks(["ema", "simdino"], tiny=True, out_dir=str(tmp_path), repeats=1, warmup=0)
+    report = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert report["meta"]["kernels_done"] == ["ema"] and report["meta"]["complete"] is False
+    assert {r["kernel"] for r in report["results"]} == {"ema"} and "commit" in report["meta"]["git"]
+    assert "**incomplete**: only ema finished" in (tmp_path / "kernel_bench.md").read_text()
