@@ -3,12 +3,13 @@
 #   .whl/p0 .. .whl/pN  DALI, DeepSpeed, nvtx and their needs, cut into parts that travel one per
 #                       device call (../shared/tools/gpu-wheels.sh);
 #   .gpu/photos         the source photos for the JPEG benchmark set (the GPU machine has none);
-#   .gpu/fashion-mnist  the demo's dataset (30 MB; the GPU machine lacks the Debian package);
+#   .gpu-demo/fashion-mnist  the demo's dataset (30 MB; the GPU machine lacks the Debian package),
+#                       apart so that only the call running the demo carries it;
 #   .gpu/fallback       wheels of the project's light dependencies (torchvision for torch 2.11,
 #                       PyYAML, tqdm, pytest): gpu_session.sh installs one only when the machine
 #                       cannot import that module, behind the machine's own packages (~9 MB);
 #   .gpu/commit         the commit the results will be measured at (the copy there has no .git).
-# Both folders are git-ignored. Then follow scripts/gpu_session.sh's header.
+# All three folders are git-ignored. Then follow scripts/gpu_session.sh's header.
 # `bash scripts/gpu_prepare.sh commit` rewrites .gpu/commit alone (after a new commit).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -43,6 +44,6 @@ echo "gpu_prepare: fallback wheels in .gpu/fallback: $(ls .gpu/fallback | tr '\n
 fmnist=/usr/share/datasets/fashion-mnist
 [ -e "$fmnist/train-images-idx3-ubyte.gz" ] || {
   echo "gpu_prepare: no Fashion-MNIST; apt-get install dataset-fashion-mnist (shared/DATA.md)"; exit 1; }
-mkdir -p .gpu/fashion-mnist && cp "$fmnist"/*.gz .gpu/fashion-mnist/
-echo "gpu_prepare: Fashion-MNIST in .gpu/fashion-mnist"
-du -sh .whl/p* .gpu
+mkdir -p .gpu-demo/fashion-mnist && cp "$fmnist"/*.gz .gpu-demo/fashion-mnist/
+echo "gpu_prepare: Fashion-MNIST in .gpu-demo/fashion-mnist"
+du -sh .whl/p* .gpu .gpu-demo

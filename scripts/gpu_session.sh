@@ -2,10 +2,10 @@
 # The GPU runs of docs/GPU_CHECKLIST.md, as phases that fit the device tool's calls (10 minutes each,
 # 30 minutes of device time per session). Runs ON the GPU machine, in the repository root.
 #
-# Here first:  bash scripts/gpu_prepare.sh            (-> .whl/p0..pN, .gpu/{photos,fashion-mnist,commit}; git-ignored)
+# Here first:  bash scripts/gpu_prepare.sh            (-> .whl/p0..pN, .gpu/, .gpu-demo/; git-ignored)
 # Then device calls, back to back (a warm machine keeps /tmp for about 30 s between calls):
 #   one per wheel part K:  carry [".whl/pK"]           bash scripts/gpu_session.sh wheels K
-#   then:                  carry [".gpu"]              bash scripts/gpu_session.sh setup demo-bg tests parity
+#   then:                  carry [".gpu", ".gpu-demo"] bash scripts/gpu_session.sh setup demo-bg tests parity
 #                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdino_vitb16,simdino_vits16
 #                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdinov2_vitb16
 #                          carry [".gpu"]              bash scripts/gpu_session.sh setup kernels data
@@ -130,7 +130,7 @@ phase_demo() {  # issue 3: the longer demo must beat raw pixels; Fashion-MNIST t
   [ "$minutes" -ge 1 ] || minutes=1
   rm -rf /tmp/demo-run  # a fresh run, never a resume of an earlier call's
   run_phase demo python3 -m flashdino.engine.eval.demo_report --preset demo_gpu --output-dir /tmp/demo-run \
-    "data.path=$ROOT/.gpu/fashion-mnist" "train.max_minutes=$minutes"
+    "data.path=$ROOT/.gpu-demo/fashion-mnist" "train.max_minutes=$minutes"
   # The run's small files come back with the logs; checkpoints (~64 MB) would sink the tarball.
   mkdir -p "$LOGS/demo-run"
   find /tmp/demo-run -maxdepth 1 -type f ! -name '*.pth' -size -8M -exec cp {} "$LOGS/demo-run/" \;
