@@ -123,7 +123,7 @@ phase_data() {  # issue 4: DALI-GPU vs DALI-CPU vs torchvision, and the pipeline
     --workers 14 --batches 30 --vit-step 20 --output profiling/results/data_bench
 }
 
-phase_demo() {  # issue 3: the longer demo must beat raw pixels; Fashion-MNIST travels in .gpu
+phase_demo() {  # issue 3: the longer demo must beat raw pixels; Fashion-MNIST travels in .gpu-demo
   # train.max_minutes stops training in time for the k-NN, the plots and the report (about 2
   # minutes) within this call; the report then says the schedule did not finish.
   local minutes=$(( (END - SECONDS - 150) / 60 ))
