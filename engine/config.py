@@ -156,8 +156,9 @@ class TrainConfig:
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16")})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps: int = 0  # stop after this many steps (0: run the full schedule)
-    # Wall-clock budget of the training loop in minutes (0: none). Checked at log steps; when spent,
-    # the run stops there, checkpoints, evaluates and reports how far it got (a fixed time slot).
+    # Wall-clock budget of the training loop in minutes (0: none): checked after every step by one
+    # process, at log steps (rank 0's clock) by several ranks; when spent, the run stops there,
+    # checkpoints, evaluates and reports how far it got (a fixed time slot).
     max_minutes: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 500  # steps between checkpoints (also written at every epoch end)

@@ -71,6 +71,8 @@ def dali_device_id(device: torch.device) -> Optional[int]:
 
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Optional[List[Any]] = None):
+        if cfg.train.max_minutes < 0:  # before anything is built
+            raise ConfigError(f"train.max_minutes must be >= 0 (0: no limit), got {cfg.train.max_minutes}")
         self.callbacks = list(callbacks or [])
         init_from_env()
         self.rank, self.world_size = get_rank(), get_world_size()
@@ -116,8 +118,6 @@ class Trainer:
         self.total_steps = self.schedules.total_iters
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        if cfg.train.max_minutes < 0:
-            raise ConfigError(f"train.max_minutes must be >= 0 (0: no limit), got {cfg.train.max_minutes}")
         self.logger = MetricsLogger(
             self.output_dir, self.total_steps, self.state.step, cfg.log.jsonl, cfg.log.tensorboard,
             cfg.log.progress_bar, enabled=is_main_process(),
@@ -358,7 +358,8 @@ class Trainer:
                         window_start, window_images = time.perf_counter(), 0
                     # One process decides from its own clock every step; several ranks agree at log
                     # steps (rank 0's clock), where they synchronize anyway.
-                    if (self.world_size == 1 or st.step % log_every == 0) and self._time_is_up(t_start):
+                    if (st.step < self.total_steps and (self.world_size == 1 or st.step % log_every == 0)
+                            and self._time_is_up(t_start)):  # the last step finishes the schedule anyway
                         stopped_early = (f"train.max_minutes={cfg.train.max_minutes:g} reached at step {st.step} "
                                          f"of {self.total_steps}")
                         self.logger.write(f"[flashdino] stopping: {stopped_early}")

@@ -6,8 +6,8 @@
 #   .gpu-demo/fashion-mnist  the demo's dataset (30 MB; the GPU machine lacks the Debian package),
 #                       apart so that only the call running the demo carries it;
 #   .gpu/fallback       wheels of the project's light dependencies (torchvision for torch 2.11,
-#                       PyYAML, tqdm, pytest): gpu_session.sh installs one only when the machine
-#                       cannot import that module, behind the machine's own packages (~9 MB);
+#                       PyYAML, tqdm, pytest and its dependencies): gpu_session.sh installs one only
+#                       when the machine cannot import that module (~9 MB);
 #   .gpu/commit         the commit the results will be measured at (the copy there has no .git).
 # All three folders are git-ignored. Then follow scripts/gpu_session.sh's header.
 # `bash scripts/gpu_prepare.sh commit` rewrites .gpu/commit alone (after a new commit).

@@ -19,7 +19,8 @@ ROOT=$PWD
 LOGS=$ROOT/gpu-logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
-# /tmp/site-fallback last: the carried fallback wheels never shadow the machine's own packages.
+# /tmp/site-fallback holds carried wheels, each installed only for a module the machine cannot
+# import (see fallback), so it never shadows a package the machine has.
 export PYTHONPATH=/tmp/fd:/tmp/site${PYTHONPATH:+:$PYTHONPATH}:/tmp/site-fallback
 # No Debian photos on this machine: the JPEG sets of the tests and the data bench use the carried ones.
 export FLASHDINO_PHOTOS="$ROOT/.gpu/photos"
@@ -69,7 +70,7 @@ phase_setup() {
   fi
   # Light dependencies the machine may lack: installed from .gpu/fallback only when not importable.
   fallback yaml pyyaml; fallback tqdm tqdm; fallback torchvision torchvision
-  fallback pytest pytest pluggy iniconfig packaging
+  fallback packaging packaging; fallback pluggy pluggy; fallback iniconfig iniconfig; fallback pytest pytest
   # The flashdino namespace without pip: one link per top-level folder (what setup.py's mapping does).
   mkdir -p /tmp/fd/flashdino
   for d in engine kernels pipelines profiling; do ln -sfn "$ROOT/$d" "/tmp/fd/flashdino/$d"; done

@@ -204,6 +204,9 @@ def test_max_minutes_stops_checkpoints_and_says_so(tmp_path):
     assert ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path)))["train_state"]["step"] == 1
     unlimited = Trainer(tiny_config(tmp_path / "full", "simdino_vits16", "train.max_steps=3")).fit()
     assert unlimited["stopped_early"] is None and unlimited["steps"] == 3
+    # time running out on the last planned step: the schedule did finish, so it is no early stop
+    last = Trainer(tiny_config(tmp_path / "last", "simdino_vits16", "train.max_steps=1", "train.max_minutes=1e-9")).fit()
+    assert last["steps"] == 1 and last["stopped_early"] is None
     with pytest.raises(ConfigError, match="train.max_minutes must be >= 0"):
         Trainer(tiny_config(tmp_path / "bad", "simdino_vits16", "train.max_minutes=-1"))
 

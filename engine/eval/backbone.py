@@ -10,10 +10,9 @@ import torch
 from flashdino.engine import checkpoint as ckpt
 from flashdino.engine.config import Config, from_dict
 from flashdino.engine.models import VisionTransformer, build_backbone
+from flashdino.engine.models.attention import HALF_ONLY_BACKENDS
 
 WHICH = ("teacher", "student")
-# Attention kernels that exist only for fp16/bf16 CUDA tensors (engine/models/attention.py).
-HALF_ONLY_ATTENTION = ("flash", "cudnn", "flash_attn")
 
 
 def config_of_checkpoint(state: dict, path: str) -> Config:
@@ -67,7 +66,7 @@ def eval_attention(cfg: Config, device) -> str:
     # GPU-only attention backends (flash, cudnn, flash_attn) cannot run a CPU evaluation.
     name = cfg.runtime.attention
     on_cpu = device is None or torch.device(device).type == "cpu"
-    return "sdpa" if on_cpu and name in HALF_ONLY_ATTENTION else name
+    return "sdpa" if on_cpu and name in HALF_ONLY_BACKENDS else name
 
 
 @contextlib.contextmanager
@@ -82,7 +81,7 @@ def prepared_for_eval(backbone, amp_dtype: Optional[torch.dtype]):
     from flashdino.engine.runtime.compile import uncompiled
 
     name = getattr(backbone, "attention_backend", None)
-    swap = name in HALF_ONLY_ATTENTION and amp_dtype not in (torch.float16, torch.bfloat16)
+    swap = name in HALF_ONLY_BACKENDS and amp_dtype not in (torch.float16, torch.bfloat16)
     if swap:
         backbone.set_attention_backend("sdpa")
     try:

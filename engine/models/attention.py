@@ -22,6 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 BACKENDS = ("sdpa", "flash", "cudnn", "math", "flash_attn")
 
 _FORCED_SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+# Backends whose kernels exist only for fp16/bf16 CUDA tensors.
+HALF_ONLY_BACKENDS = tuple(_FORCED_SDPA) + ("flash_attn",)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -81,6 +81,9 @@ def build_pipeline(
         device_id=device_id,
         prefetch_queue_depth=prefetch,
         seed=source.seed,  # unused by the graph (no DALI random ops); fixed for good measure
+        # The dynamic executor: what run(cuda_stream) needs to return outputs on torch's stream
+        # (DALI 2.4's default, asked for explicitly so that another wheel does not change it).
+        exec_dynamic=True,
     )
     if py_workers > 0:
         kwargs.update(py_num_workers=py_workers, py_start_method=py_start_method)
