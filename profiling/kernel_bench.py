@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from .env import git_info
+from .env import git_info, library_versions
 
 if not torch.cuda.is_available():  # must precede the first Triton import (kernels are decorated then)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -283,23 +283,6 @@ BENCHES = {"ema": bench_ema, "adamw_ema": bench_adamw_ema, "coding_rate": bench_
 
 # ------------------------------------------------------------------------------------ report
 
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:  # pragma: no cover
-        out["triton"] = None
-    try:
-        from flashdino.engine.version import __version__
-
-        out["flashdino"] = __version__
-    except ImportError:  # pragma: no cover
-        out["flashdino"] = None
-    return out
-
-
 def to_markdown(report: dict) -> str:
     meta, ceil = report["meta"], report["ceilings"]
     lines = [
@@ -346,14 +329,15 @@ def run_benchmarks(kernels=None, tiny: bool | None = None, out_dir: str | None =
     timer = Timer(device, warmup, repeats)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 paths are measured as the parity tests run them
     ceilings = measure_ceilings(device, timer, tiny)
+    meta = _meta(device, tiny, repeats, warmup, command)
     results = []
     report = None
     for i, k in enumerate(kernels):
         results += _speedups(BENCHES[k](device, timer, ceilings, tiny))
         # Written after every kernel family: a run stopped from outside (a session's deadline) keeps
         # the families it finished, marked incomplete.
-        report = _report(device, tiny, repeats, warmup, command, ceilings, results, done=kernels[: i + 1],
-                         complete=i == len(kernels) - 1)
+        report = {"meta": {**meta, "kernels_done": kernels[: i + 1], "complete": i == len(kernels) - 1},
+                  "ceilings": ceilings, "results": list(results)}
         if out_dir:
             _write(report, out_dir)
     return report
@@ -368,27 +352,22 @@ def _write(report: dict, out_dir: str) -> None:
         os.replace(tmp, os.path.join(out_dir, name))
 
 
-def _report(device, tiny, repeats, warmup, command, ceilings, results, done, complete) -> dict:
+def _meta(device, tiny, repeats, warmup, command) -> dict:
+    """What the run was: the same for every kernel family, so taken once."""
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"CPU ({platform.processor() or platform.machine()})"
     return {
-        "meta": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name,
-            "versions": _versions(),
-            "command": command or " ".join(shlex.quote(a) for a in [sys.executable, "-m", __name__] + sys.argv[1:]),
-            "mode": "gpu" if device.type == "cuda" else "cpu-interpreter",
-            "tiny": tiny,
-            "repeats": repeats,
-            "warmup": warmup,
-            "git": git_info(),
-            "kernels_done": list(done),
-            "complete": complete,
-        },
-        "ceilings": ceilings,
-        "results": list(results),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "versions": library_versions(),
+        "command": command or " ".join(shlex.quote(a) for a in [sys.executable, "-m", __name__] + sys.argv[1:]),
+        "mode": "gpu" if device.type == "cuda" else "cpu-interpreter",
+        "tiny": tiny,
+        "repeats": repeats,
+        "warmup": warmup,
+        "git": git_info(),
     }
 
 
