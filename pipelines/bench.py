@@ -27,11 +27,15 @@ PHOTO_GLOBS = ("/usr/share/backgrounds/mate/nature/*.jpg", "/usr/share/libjxl-te
 PHOTOS_ENV = "FLASHDINO_PHOTOS"
 
 
+def photos_in(folder: str) -> List[str]:
+    """The JPEG/PNG files directly in `folder`, sorted."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+
+
 def default_photo_paths() -> List[str]:
     folder = os.environ.get(PHOTOS_ENV)
     if folder:
-        return sorted(glob.glob(os.path.join(folder, "*.jpg")) + glob.glob(os.path.join(folder, "*.jpeg"))
-                      + glob.glob(os.path.join(folder, "*.png")))
+        return photos_in(folder) if os.path.isdir(folder) else []
     return sorted(p for g in PHOTO_GLOBS for p in glob.glob(g))
 
 
@@ -345,8 +349,7 @@ def main(args) -> int:
         print(f"writing {args.make_jpegs} JPEGs to {args.data} ...", flush=True)
         sources = None
         if args.photos:
-            sources = sorted(os.path.join(args.photos, f) for f in os.listdir(args.photos)
-                             if f.lower().endswith((".jpg", ".jpeg", ".png")))
+            sources = photos_in(args.photos)
             if not sources:
                 print(f"flashdino data bench: no photos in --photos '{args.photos}'", file=sys.stderr)
                 return 2
