@@ -21,7 +21,6 @@ error that names the line, not a silent slowdown. The optimizer step and the EMA
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 from collections import Counter
 from typing import Callable, Dict, List
