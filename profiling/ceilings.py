@@ -7,37 +7,17 @@
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, Optional
 
 import torch
 
-from .timing import percentile
-
-
-def _time_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return percentile(times, 50)
+from .timing import median_time_ms
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int = 10) -> Dict[str, float]:
     src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device, repeats)
+    ms = median_time_ms(lambda: dst.copy_(src), device, repeats)
     moved = 2 * src.numel() * 4  # read + write
     del src, dst
     return {"bytes": moved, "time_ms": ms, "gbps": moved / ms / 1e6}
@@ -46,7 +26,7 @@ def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int = 10) -> Dic
 def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 10) -> Dict[str, float]:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    ms = _time_ms(lambda: a @ b, device, repeats)
+    ms = median_time_ms(lambda: a @ b, device, repeats)
     del a, b
     return {"shape": [n, n, n], "dtype": str(dtype).replace("torch.", ""), "time_ms": ms, "tflops": 2 * n ** 3 / ms / 1e9}
 

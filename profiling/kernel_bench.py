@@ -21,13 +21,12 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 
 import torch
 
 from .env import git_info, library_versions
+from .timing import median_time_ms
 
 if not torch.cuda.is_available():  # must precede the first Triton import (kernels are decorated then)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,30 +40,13 @@ ARCHS = {"vit_small": (384, 12), "vit_base": (768, 12), "vit_large": (1024, 24)}
 # ------------------------------------------------------------------------------------ timing
 
 class Timer:
-    """Median wall time of ``fn`` (CUDA events on GPU, perf_counter on CPU), in milliseconds."""
+    """Median time of ``fn`` in milliseconds, with this run's warm-up and repeat counts."""
 
     def __init__(self, device: torch.device, warmup: int, repeats: int):
         self.device, self.warmup, self.repeats = device, warmup, repeats
 
     def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_time_ms(fn, self.device, self.repeats, self.warmup)
 
 
 def peak_memory_mb(device, fn) -> float | None:

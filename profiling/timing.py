@@ -43,6 +43,32 @@ class StepClock:
         return sum(self.durations_ms()) / 1e3
 
 
+def median_time_ms(fn, device, repeats: int, warmup: int = 2) -> float:
+    """Median time of ``fn()`` over `repeats` calls after `warmup` untimed ones, in milliseconds:
+    CUDA events around each call on the GPU (device time), perf_counter on the CPU."""
+    if repeats < 1:
+        raise ValueError(f"median_time_ms: repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the warm-up calls must not land in the first timed call
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return percentile(times, 50)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (q in [0, 100]) of a non-empty sequence."""
     if not values:

@@ -264,3 +264,22 @@ def test_turning_phase_marking_on_does_not_recompile_a_compiled_step():
     step(x)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_median_time_ms_times_each_call_after_the_warmup():
+    from flashdino.profiling.timing import median_time_ms
+
+    calls = []
+    durations = iter([0.0, 0.0, 0.030, 0.001, 0.002])  # two warm-up calls, then three timed
+
+    def fn():
+        import time
+
+        calls.append(1)
+        time.sleep(next(durations))
+
+    ms = median_time_ms(fn, "cpu", repeats=3, warmup=2)
+    assert len(calls) == 5
+    assert 1.5 <= ms < 25.0  # the median of (30, 1, 2) ms: the slow first timed call does not count
+    with pytest.raises(ValueError, match="repeats"):
+        median_time_ms(fn, "cpu", repeats=0)
