@@ -185,6 +185,10 @@ class RuntimeConfig:
     compile: str = field(default="auto", metadata={"choices": ("auto", "none", "block", "full")})
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: graph capture without codegen)
     cuda_graphs: bool = False
+    # Student multi-crop execution: "grouped" = one backbone call per crop resolution; "packed" =
+    # one call over both groups, the token-wise layers (norms, qkv, proj, MLP) on all tokens at
+    # once and attention per group (DINOv3-style; fewer, larger kernels). Same math either way.
+    multicrop: str = field(default="grouped", metadata={"choices": ("grouped", "packed")})
     kernels: KernelConfig = field(default_factory=KernelConfig)
     distributed: str = field(default="auto", metadata={"choices": ("auto", "none", "ddp", "deepspeed")})
     zero_stage: int = field(default=0, metadata={"choices": (0, 1, 2, 3)})

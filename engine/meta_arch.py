@@ -63,8 +63,11 @@ class SSLMetaArch(nn.Module):
         return 2 + self.cfg.crops.n_local
 
     def _student_cls(self, global_crops, local_crops, masks=None):
-        """Backbone once per resolution group; returns (cls of all crops crop-major, global features)."""
+        """Backbone once per resolution group (or once, packed); returns (cls of all crops crop-major, global features)."""
         backbone = self.student["backbone"]
+        if local_crops is not None and self.cfg.runtime.multicrop == "packed":
+            g, local = backbone.forward_features_list([global_crops, local_crops], [masks, None])
+            return torch.cat([g["cls"], local["cls"]]), g
         g = backbone.forward_features(global_crops, masks=masks)
         cls = [g["cls"]]
         if local_crops is not None:

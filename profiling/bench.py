@@ -21,6 +21,7 @@ bench.json, bench.md and bench.png to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -145,11 +146,30 @@ def _reset_memory(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def variant_config(engine_cfg, overrides: List[str]):
+    """The engine config with `overrides` applied: the third side of an A/B run (``--variant``)."""
+    from flashdino.engine.config import apply_overrides, validate
+
+    if not overrides:
+        raise ValueError("bench: --variant needs at least one key=value override")
+    cfg = apply_overrides(copy.deepcopy(engine_cfg), list(overrides))
+    validate(cfg)
+    if harness.config_hash(cfg) == harness.config_hash(engine_cfg):
+        raise ValueError(f"bench: the variant overrides {list(overrides)} leave the engine config unchanged")
+    return cfg
+
+
 def run_bench(engine_cfg, *, data: str = "synthetic", steps: int = 20, warmup: int = 3, phase_steps: int = 5,
               pool: int = 4, sides=SIDES, ceilings: bool = True, command: Optional[str] = None,
-              config_file: Optional[str] = None) -> Dict[str, Any]:
-    """Measure the engine and/or the reference for `engine_cfg`; return the report dict."""
+              config_file: Optional[str] = None, variant: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Measure the engine and/or the reference for `engine_cfg`; return the report dict.
+
+    With `variant` (key=value overrides of the engine config), a third side "variant" is measured
+    in the same run from the same initial weights and batches, and ``variant_vs_engine`` is the
+    ratio of its images/s to the engine's (e.g. ``runtime.multicrop=packed``: does packing pay?)."""
     sides = list(sides)
+    if variant:
+        variant_config(engine_cfg, variant)  # refuse a bad variant before anything is measured
     bad = [s for s in sides if s not in SIDES]
     if bad or not sides:
         raise ValueError(f"bench: sides must be a non-empty subset of {list(SIDES)}, got {sides}")
@@ -158,6 +178,7 @@ def run_bench(engine_cfg, *, data: str = "synthetic", steps: int = 20, warmup: i
                          f"(got steps={steps}, warmup={warmup}, phase_steps={phase_steps}, pool={pool})")
     cfg_e = harness.harness_config(engine_cfg, data)
     cfg_r, missing_keys = harness.reference_config(cfg_e)
+    cfg_v = variant_config(cfg_e, variant) if variant else None  # from cfg_e: the same scratch folders
     seed = cfg_e.train.seed
 
     # The reference first: its initial weights are the ones both sides start from. After it is
@@ -183,6 +204,16 @@ def run_bench(engine_cfg, *, data: str = "synthetic", steps: int = 20, warmup: i
                                     pool=pool, seed=seed)
         results["engine"]["init_max_abs_diff"] = init_diff
         del eng
+        harness.free_memory()
+
+    if cfg_v is not None:
+        _reset_memory(device)
+        var = harness.build_trainer(cfg_v)
+        init_diff = harness.load_model_state(var, init_state)
+        results["variant"] = measure(var, cfg_v, data=data, steps=steps, warmup=warmup, phase_steps=phase_steps,
+                                     pool=pool, seed=seed)
+        results["variant"]["init_max_abs_diff"] = init_diff
+        del var
         harness.free_memory()
 
     meta = env.run_metadata(device, command)
@@ -224,8 +255,16 @@ def run_bench(engine_cfg, *, data: str = "synthetic", steps: int = 20, warmup: i
         "ceilings": ceil,
         "sides": results,
         "speedup": (results["engine"]["images_per_s"] / results["reference"]["images_per_s"]
-                    if len(results) == 2 else None),
+                    if "engine" in results and "reference" in results else None),
     }
+    if cfg_v is not None:
+        report["variant"] = {
+            "overrides": list(variant),
+            "config": harness.to_dict(cfg_v),
+            "variant_vs_engine": harness.config_differences(cfg_v, cfg_e),
+            "speedup_vs_engine": (results["variant"]["images_per_s"] / results["engine"]["images_per_s"]
+                                  if "engine" in results else None),
+        }
     return report
 
 
@@ -273,6 +312,10 @@ def to_markdown(report: Dict[str, Any]) -> str:
             f"{s['warmup_s']:.3g} ({_fmt(s['first_step_s'], '.3g')}) |")
     if report.get("speedup"):
         lines += ["", f"Speedup (engine / reference images/s): **{report['speedup']:.3f}x**"]
+    if report.get("variant"):
+        v = report["variant"]
+        lines.append(f"- variant = engine with {' '.join(v['overrides'])}"
+                     + (f": variant / engine images/s **{v['speedup_vs_engine']:.3f}x**" if v["speedup_vs_engine"] else ""))
     for name, s in report["sides"].items():
         c = s.get("compile")
         if c:
@@ -357,6 +400,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase-steps", type=int, default=5, help="extra steps with per-phase timing (0: none)")
     parser.add_argument("--pool", type=int, default=4, help="distinct synthetic batches cycled through")
     parser.add_argument("--sides", default="engine,reference", help="engine, reference or both (comma-separated)")
+    parser.add_argument("--variant", nargs="+", metavar="KEY=VALUE",
+                        help="also measure the engine with these overrides as a third side, in the same run "
+                             "(e.g. --variant runtime.multicrop=packed)")
     parser.add_argument("--out", help="output folder (default: profiling/results/bench/<device>/<config label>)")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the copy/matmul ceiling measurement")
@@ -392,10 +438,17 @@ def main(args) -> int:
               f"< 1 (got {args.steps}, {args.warmup}, {args.phase_steps}, {args.pool}, {args.threshold})", file=sys.stderr)
         return 2
     cfg = config_from_args(args)
+    if args.variant:
+        try:  # a bad variant must not cost the reference and engine runs first
+            variant_config(cfg, args.variant)
+        except ValueError as exc:
+            print(f"flashdino bench: {exc}", file=sys.stderr)
+            return 2
     command = env.cli_command("bench", args)
     report = run_bench(cfg, data=args.data, steps=args.steps, warmup=args.warmup, phase_steps=args.phase_steps,
                        pool=args.pool, sides=[s.strip() for s in args.sides.split(",") if s.strip()],
-                       ceilings=not args.no_ceilings, command=command, config_file=args.config)
+                       ceilings=not args.no_ceilings, command=command, config_file=args.config,
+                       variant=args.variant)
     status = 0
     if baseline is not None:
         try:

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 from .ranges import PHASES
 
-_COLORS = {"engine": "#1f77b4", "reference": "#b0b0b0"}
+_COLORS = {"engine": "#1f77b4", "variant": "#ff7f0e", "reference": "#b0b0b0"}
 
 
 def bench_chart(report: Dict[str, Any], path: str) -> str:
@@ -14,7 +14,7 @@ def bench_chart(report: Dict[str, Any], path: str) -> str:
     matplotlib.use("Agg")  # files only; never a display
     import matplotlib.pyplot as plt
 
-    sides = [s for s in ("engine", "reference") if s in report["sides"]]
+    sides = [s for s in ("engine", "variant", "reference") if s in report["sides"]]
     fig, (ax_tp, ax_ph) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2]})
 
     values = [report["sides"][s]["images_per_s"] for s in sides]

@@ -7,7 +7,7 @@
 #   one per wheel part K:  carry [".whl/pK"]           bash scripts/gpu_session.sh wheels K
 #   then:                  carry [".gpu", ".gpu-demo"] bash scripts/gpu_session.sh setup demo-bg tests parity
 #                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdino_vitb16,simdino_vits16
-#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdinov2_vitb16
+#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdinov2_vitb16 packed=simdino_vitb16
 #                          carry [".gpu"]              bash scripts/gpu_session.sh setup kernels data
 # `setup` is idempotent (cheap on a warm machine; it redoes the install on a fresh one, which then
 # needs the wheel calls again). Every call ends by packing what it measured into
@@ -25,6 +25,12 @@ export PYTHONPATH=/tmp/fd:/tmp/site${PYTHONPATH:+:$PYTHONPATH}:/tmp/site-fallbac
 # No Debian photos on this machine: the JPEG sets of the tests and the data bench use the carried ones.
 export FLASHDINO_PHOTOS="$ROOT/.gpu/photos"
 fd() { python3 -m flashdino.engine.cli "$@"; }
+fd_fast() {  # fd SUBCOMMAND with the bench suite's fast-path overrides (FAST_PATHS) before the rest
+  local fast sub=$1; shift
+  fast=$(python3 -c 'from flashdino.profiling.suite import FAST_PATHS; print(FAST_PATHS)') || return 1
+  # shellcheck disable=SC2086  # $fast is a list of key=value words
+  fd "$sub" $fast "$@"
+}
 status=0
 # A call killed at the device tool's limit returns nothing: every phase stops by this deadline, so
 # the results are always packed (GPU_SESSION_SECONDS: the call's timeout minus a margin).
@@ -38,7 +44,7 @@ run_phase() {  # name, command...: log to gpu-logs/<name>.log, remember a failur
   fi
   echo "=== $name (at most $left s): $*"
   local t0=$SECONDS
-  timeout -k 10 "$left" bash -c "$(declare -f fd); \"\$@\"" _ "$@" 2>&1 | tee "$LOGS/$name.log"
+  timeout -k 10 "$left" bash -c "$(declare -f fd fd_fast); \"\$@\"" _ "$@" 2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] && echo "=== $name: stopped at the call's deadline" | tee -a "$LOGS/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
@@ -117,6 +123,14 @@ phase_bench() {  # issue 6 targets; the suite's own parity stage is skipped (pha
   done
 }
 
+phase_packed() {  # issue 6: does DINOv3-style packing of the crop groups pay? engine vs packed, one run
+  local presets=${1:-simdino_vitb16}
+  for preset in ${presets//,/ }; do
+    run_phase "packed_$preset" fd_fast bench --preset "$preset" --sides engine --variant runtime.multicrop=packed \
+      --steps 20 --warmup 3 --out "profiling/results/bench_packed/$preset"
+  done
+}
+
 phase_kernels() { run_phase kernels python3 -m flashdino.profiling.kernel_bench; }
 
 phase_data() {  # issue 4: DALI-GPU vs DALI-CPU vs torchvision, and the pipeline's share of a ViT-B step
@@ -153,8 +167,9 @@ for p in "${phases[@]}"; do
     demo-bg) (status=0; phase_demo; echo "$status" > "$LOGS/demo.status") & ;;  # correctness-only phases
                                                   # may share the machine with it; timed ones may not
     bench=*) phase_bench "${p#bench=}" ;;
-    tests|parity|bench|kernels|data|demo) "phase_$p" ;;
-    *) echo "unknown phase '$p' (setup tests parity bench bench=P1,P2 kernels data demo demo-bg)"; status=2 ;;
+    packed=*) phase_packed "${p#packed=}" ;;
+    tests|parity|bench|packed|kernels|data|demo) "phase_$p" ;;
+    *) echo "unknown phase '$p' (setup tests parity bench bench=P1,P2 packed packed=P1,P2 kernels data demo demo-bg)"; status=2 ;;
   esac
 done
 wait  # a background demo

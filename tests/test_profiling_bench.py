@@ -283,3 +283,30 @@ def test_median_time_ms_times_each_call_after_the_warmup():
     assert 1.5 <= ms < 25.0  # the median of (30, 1, 2) ms: the slow first timed call does not count
     with pytest.raises(ValueError, match="repeats"):
         median_time_ms(fn, "cpu", repeats=0)
+
+
+def test_bench_variant_is_a_third_side_from_the_same_weights(tmp_path):
+    args = ["bench", "--preset", "simdino_vits16", *SMOKE_OVERRIDES, "train.precision=fp32", "model.drop_path_rate=0",
+            "--sides", "engine", "--steps", "2", "--warmup", "1", "--phase-steps", "0", "--no-ceilings",
+            "--out", str(tmp_path), "--variant", "runtime.multicrop=packed"]
+    assert cli_main(args) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["sides"]) == ["engine", "variant"]
+    engine, variant = report["sides"]["engine"], report["sides"]["variant"]
+    assert variant["init_max_abs_diff"] == 0.0 and variant["losses_finite"]
+    assert report["variant"]["variant_vs_engine"] == {"runtime.multicrop": ["packed", "grouped"]}
+    assert report["variant"]["speedup_vs_engine"] == pytest.approx(variant["images_per_s"] / engine["images_per_s"])
+    # Same weights, same batches, the same math (no drop path): the losses agree.
+    for name, value in engine["final_losses"].items():
+        assert variant["final_losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    md = (tmp_path / "bench.md").read_text()
+    assert "| variant |" in md and "runtime.multicrop=packed" in md
+
+
+@pytest.mark.parametrize("variant,message", [(["runtime.multicrop=grouped"], "unchanged"),
+                                              (["runtime.multicrop=stacked"], "multicrop")])
+def test_bench_refuses_a_variant_before_measuring_anything(tmp_path, capsys, variant, message):
+    args = ["bench", "--preset", "simdino_vits16", *SMOKE_OVERRIDES, "--out", str(tmp_path), "--variant", *variant]
+    assert cli_main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()

@@ -101,3 +101,30 @@ def test_incomplete_parity_run_is_named_as_such(tmp_path):
                                 "stopped_early": "time limit", "steps": [{}] * 120, "workload": {"steps": 200}}))
     row = next(line for line in latest_table(str(tmp_path)).splitlines() if line.startswith("| NVIDIA"))
     assert "incomplete (120 of 200 steps, all within tolerance)" in row
+
+
+def _variant_bench(path, date, engine_ips, variant_ips):
+    _bench(path, "NVIDIA H100", "simdino_vitb16-bf16-1", date, engine_ips, 1.0)
+    report = json.loads(path.read_text())
+    del report["sides"]["reference"]
+    report["speedup"] = None
+    report["sides"]["variant"] = {"images_per_s": variant_ips, "mfu": 0.6, "peak_mem_mib": {"allocated": 10240.0}}
+    report["variant"] = {"overrides": ["runtime.multicrop=packed"], "speedup_vs_engine": variant_ips / engine_ips}
+    path.write_text(json.dumps(report))
+
+
+def test_a_newer_variant_run_gets_its_own_table_and_keeps_the_engine_vs_reference_row(tmp_path):
+    _bench(tmp_path / "a" / "bench.json", "NVIDIA H100", "simdino_vitb16-bf16-1", "2026-01-01T00:00:00+00:00", 1000.0, 500.0)
+    _variant_bench(tmp_path / "v1" / "bench.json", "2026-01-02T00:00:00+00:00", 990.0, 1089.0)
+    _variant_bench(tmp_path / "v2" / "bench.json", "2026-01-03T00:00:00+00:00", 1000.0, 1050.0)
+    table = latest_table(str(tmp_path))
+    main_rows = [line for line in table.splitlines() if line.startswith("| NVIDIA") and "`" not in line]
+    (variant_row,) = [line for line in table.splitlines() if "`runtime.multicrop=packed`" in line]
+    assert len(main_rows) == 1 and "| 1000.0 | 500.0 | 2.00x |" in main_rows[0]
+    assert "| 1000.0 | 1050.0 | 1.050x | 20.00 | 10.00 | 2026-01-03 |" in variant_row  # the newest A/B
+    assert "Engine variants" in table
+    # Variant runs alone: the "no results" message, then their table.
+    only = tmp_path / "only"
+    _variant_bench(only / "v" / "bench.json", "2026-01-03T00:00:00+00:00", 1000.0, 1050.0)
+    table = latest_table(str(only))
+    assert "No bench results" in table and "`runtime.multicrop=packed`" in table

@@ -66,6 +66,24 @@ def test_block_compile_captures_each_block_variant_once_without_breaks(tmp_path)
     assert report.compile_seconds > 0
 
 
+def test_block_compile_of_packed_multicrop_is_one_student_graph_matching_eager(tmp_path):
+    # runtime.multicrop=packed: each student block takes both crop groups as one list, so one graph
+    # covers them (plus the teacher's); the values equal the eager grouped step's.
+    common = ("model.drop_path_rate=0", "train.seed=3")
+    eager = make_trainer(tmp_path / "eager", "simdinov2_vitb16", *common)
+    packed = make_trainer(tmp_path / "packed", "simdinov2_vitb16", "runtime.compile=block", "runtime.multicrop=packed",
+                          *common)
+    data = batches(eager, 3)
+    ref = run_steps(eager, data, strict_after_first=False)
+    got = run_steps(packed, data)
+    report = packed.compile_report
+    assert report.graph_breaks == 0 and report.graphs == 2, report.summary()
+    assert packed.recompiles_after_warmup == 0
+    for a, b in zip(ref, got):
+        for name in a:
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+
+
 def test_block_compile_of_linearly_rising_drop_path_is_one_graph_per_shape(tmp_path):
     # SimDINO: drop path rises linearly over depth (0 in block 0). The blocks read their rate from a
     # buffer, so the 3 non-zero rates share one graph per crop shape: 2 shapes x (no drop path,

@@ -6,7 +6,7 @@ Module and parameter names follow timm's VisionTransformer (``norm1``, ``attn.qk
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -80,6 +80,32 @@ def batch_subset_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torc
     return torch.index_add(x, 0, index, residual.to(x.dtype), alpha=b / kept)
 
 
+def batch_subset_residual_packed(
+    xs: List[torch.Tensor], branch: Callable[[List[torch.Tensor]], List[torch.Tensor]], rate: float
+) -> List[torch.Tensor]:
+    """:func:`batch_subset_residual` over crop groups whose branch runs packed: each group draws
+    its own subset (so each keeps floor(b_i * (1 - rate)) samples, as it would alone), and the
+    branch sees the kept samples of every group in one call."""
+    subsets = []
+    for x in xs:
+        b = x.shape[0]
+        kept = max(int(b * (1.0 - rate)), 1)
+        subsets.append((torch.randperm(b, device=x.device)[:kept], b / kept))
+    residuals = branch([x[index] for x, (index, _) in zip(xs, subsets)])
+    return [torch.index_add(x, 0, index, r.to(x.dtype), alpha=scale) for x, r, (index, scale) in zip(xs, residuals, subsets)]
+
+
+def pack_tokens(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Token tensors (B_i, T_i, D) of several crop groups as one (sum B_i*T_i, D) matrix."""
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
+def unpack_tokens(flat: torch.Tensor, shapes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+    """Inverse of :func:`pack_tokens` given each group's (B_i, T_i); the pieces are views."""
+    pieces = flat.split([b * t for b, t in shapes])
+    return [piece.view(b, t, flat.shape[-1]) for piece, (b, t) in zip(pieces, shapes)]
+
+
 class LayerScale(nn.Module):
     """Per-channel learnable scale of a residual branch (parameter ``gamma``, init `init_value`)."""
 
@@ -118,16 +144,28 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def _qkv(self, x: torch.Tensor):
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def _heads(self, qkv: torch.Tensor, b: int, t: int):
+        qkv = qkv.reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)  # each (B, heads, T, head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self._qkv(x)
+    def _qkv(self, x: torch.Tensor):
+        b, t, _ = x.shape
+        return self._heads(self.qkv(x), b, t)
+
+    def _attend(self, qkv: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        q, k, v = self._heads(qkv, b, t)
         out = scaled_dot_product(q, k, v, self.backend, self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+        return out.transpose(1, 2).reshape(b * t, -1)
+
+    def forward(self, x: torch.Tensor, shapes: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); or, with `shapes`, packed tokens (sum B_i*T_i, D) of several crop
+        groups (see :func:`pack_tokens`): the projections run once over all of them, the
+        attention once per group."""
+        if shapes is None:
+            b, t, d = x.shape
+            return self.proj(self._attend(self.qkv(x), b, t)).view(b, t, d)
+        chunks = self.qkv(x).split([b * t for b, t in shapes])
+        return self.proj(torch.cat([self._attend(c, b, t) for c, (b, t) in zip(chunks, shapes)]))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention probabilities (B, heads, T, T), always via the explicit math path."""
@@ -180,7 +218,32 @@ class Block(nn.Module):
     def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn_branch_packed(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        shapes = [tuple(x.shape[:2]) for x in xs]
+        return unpack_tokens(self.ls1(self.attn(self.norm1(pack_tokens(xs)), shapes)), shapes)
+
+    def _mlp_branch_packed(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        shapes = [tuple(x.shape[:2]) for x in xs]
+        return unpack_tokens(self.ls2(self.mlp(self.norm2(pack_tokens(xs)))), shapes)
+
+    def _forward_packed(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        # The token-wise layers (norms, qkv, proj, MLP) run once over the tokens of every group;
+        # attention and the residual (with its per-sample drop path) stay per group.
+        if not (self.training and self._has_drop_path):
+            xs = [x + r for x, r in zip(xs, self._attn_branch_packed(xs))]
+            return [x + r for x, r in zip(xs, self._mlp_branch_packed(xs))]
+        if self.drop_mode == "batch_subset":
+            xs = batch_subset_residual_packed(xs, self._attn_branch_packed, self.drop_path)
+            return batch_subset_residual_packed(xs, self._mlp_branch_packed, self.drop_path)
+        keep = 1.0 - self._drop_rate_fixed.to(torch.float32) / _RATE_SCALE
+        xs = [x + _drop_path_keep(r, keep) for x, r in zip(xs, self._attn_branch_packed(xs))]
+        return [x + _drop_path_keep(r, keep) for x, r in zip(xs, self._mlp_branch_packed(xs))]
+
+    def forward(self, x):
+        """Tokens (B, T, D) -> (B, T, D); a list of several crop groups' tokens runs packed
+        (DINOv3-style) and returns the list."""
+        if isinstance(x, (list, tuple)):
+            return self._forward_packed(list(x))
         if not (self.training and self._has_drop_path):
             x = x + self._attn_branch(x)
             return x + self._mlp_branch(x)

@@ -178,6 +178,20 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self._split(self.norm(x))
 
+    def forward_features_list(
+        self, xs: Sequence[torch.Tensor], masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+    ) -> List[Dict[str, torch.Tensor]]:
+        """:meth:`forward_features` of several crop groups (e.g. global and local crops) at once,
+        their token-wise layers packed into one call per layer (DINOv3-style); attention stays per
+        group. Same values as one call per group."""
+        masks = list(masks) if masks is not None else [None] * len(xs)
+        if len(masks) != len(xs):
+            raise ValueError(f"forward_features_list: {len(xs)} crop groups but {len(masks)} masks")
+        tokens = [self.prepare_tokens(x, m) for x, m in zip(xs, masks)]
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return [self._split(self.norm(t)) for t in tokens]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The LayerNorm-ed CLS token (B, D)."""
         return self.forward_features(x)["cls"]
