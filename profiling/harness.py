@@ -39,6 +39,7 @@ REFERENCE_SETTINGS: Dict[str, Any] = {
     "runtime.cuda_graphs": False,
     "runtime.kernels.optimizer": "torch",
     "runtime.zero_stage": 0,
+    "runtime.multicrop": "grouped",  # one backbone call per crop group, the plain way
 }
 REQUIRED_REFERENCE_KEYS = ("runtime.compile", "runtime.kernels.ema", "runtime.kernels.centering",
                            "runtime.kernels.coding_rate", "runtime.attention", "runtime.distributed")

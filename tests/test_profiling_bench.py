@@ -186,13 +186,15 @@ def test_phase_timer_rejects_a_second_timer_and_bad_nesting():
 
 def test_reference_config_and_hash():
     cfg = build_config("simdino_vits16", overrides=SMOKE_OVERRIDES + ["runtime.compile=block", "runtime.kernels.ema=triton",
-                                                                      "runtime.attention=flash"])
+                                                                      "runtime.attention=flash", "runtime.multicrop=packed"])
     ref, missing = reference_config(cfg)
     assert (ref.runtime.compile, ref.runtime.kernels.ema, ref.runtime.kernels.centering, ref.runtime.kernels.coding_rate,
-            ref.runtime.attention, ref.runtime.distributed) == ("none", "eager", "eager", "eager", "math", "none")
+            ref.runtime.attention, ref.runtime.distributed, ref.runtime.multicrop) == (
+        "none", "eager", "eager", "eager", "math", "none", "grouped")
     assert missing == [] and cfg.runtime.compile == "block"  # the user's config is untouched
     moved = build_config("simdino_vits16", overrides=SMOKE_OVERRIDES + ["runtime.compile=block", "runtime.kernels.ema=triton",
-                                                                        "runtime.attention=flash", "train.output_dir=/x"])
+                                                                        "runtime.attention=flash", "runtime.multicrop=packed",
+                                                                        "train.output_dir=/x"])
     assert config_hash(moved) == config_hash(cfg) != config_hash(ref)
 
 

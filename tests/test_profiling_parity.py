@@ -201,3 +201,20 @@ def test_time_limit_stops_early_writes_what_was_compared_and_fails(tmp_path, mon
     assert len(report["steps"]) == 3 and all(r["ok"] for r in report["steps"])
     assert "FAIL (incomplete: time limit" in (tmp_path / "parity.md").read_text()
     assert cli_main(["parity", "--preset", "demo", "--time-limit", "0"]) == 2
+
+
+def test_packed_engine_passes_against_the_grouped_reference_without_drop_path(tmp_path):
+    report = run_parity(tiny("simdinov2_vitb16", "runtime.multicrop=packed", "model.drop_path_rate=0"), steps=2)
+    assert report["config"]["engine_vs_reference"]["runtime.multicrop"] == ["packed", "grouped"]
+    assert report["ok"], to_markdown(report)
+    assert max(r["params"]["student"]["rel_err"] for r in report["steps"]) > 0  # packing really ran
+
+
+def test_packed_engine_with_drop_path_is_refused_before_any_step(tmp_path, capsys):
+    args = ["parity", "--preset", "simdino_vits16", *SMOKE_OVERRIDES, "train.precision=fp32", "model.drop_path_rate=0.1",
+            "runtime.multicrop=packed", "--steps", "1", "--out", str(tmp_path)]
+    assert cli_main(args) == 2
+    assert "drop-path masks come in another order" in capsys.readouterr().err
+    assert not (tmp_path / "parity.json").exists()
+    with pytest.raises(ValueError, match="model.drop_path_rate=0"):
+        run_parity(tiny("simdino_vits16", "runtime.multicrop=packed", "model.drop_path_rate=0.1"), steps=1)
