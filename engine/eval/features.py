@@ -108,7 +108,11 @@ class EvalImages(torch.utils.data.Dataset):
         except CorruptImageError:
             size = self.transform.size
             return torch.zeros(3, size, size), -1, False
-        return self.transform(img), int(label), True
+        return self.transformed(img, index), int(label), True
+
+    def transformed(self, img, index: int) -> torch.Tensor:
+        """The image as a normalized tensor (subclasses may draw per-index randomness)."""
+        return self.transform(img)
 
 
 def has_pixel_array(reader, transform: EvalTransform) -> bool:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import prepared_for_eval
+from .features import EvalImages
 
 # DINOv2's learning-rate sweep (spec 5.4); each is multiplied by batch_size / 256.
 V2_LRS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -262,22 +263,16 @@ class ProbeTrainTransform:
         return self._normalize.normalize_uint8(np.asarray(img)[None])[0]
 
 
-class _AugmentedImages(torch.utils.data.Dataset):
+class _AugmentedImages(EvalImages):
+    """:class:`EvalImages` through the probe's random train transform, seeded per (seed, epoch, index)."""
+
     def __init__(self, reader, transform: ProbeTrainTransform, seed: int):
-        self.reader, self.transform, self.seed, self.epoch = reader, transform, seed, 0
+        super().__init__(reader, transform)
+        self.seed, self.epoch = seed, 0
 
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, index: int):
-        from flashdino.pipelines.datasets import CorruptImageError
-
-        try:
-            img, label = self.reader.load(index)
-        except CorruptImageError:
-            return torch.zeros(3, self.transform.size, self.transform.size), -1, False
+    def transformed(self, img, index: int) -> torch.Tensor:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
-        return self.transform(img, rng), int(label), True
+        return self.transform(img, rng)
 
 
 def augmented_batches(backbone: nn.Module, reader, transform: ProbeTrainTransform, feature_fn, *, batch_size: int,
