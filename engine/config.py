@@ -160,6 +160,10 @@ class TrainConfig:
     # process, at log steps (rank 0's clock) by several ranks; when spent, the run stops there,
     # checkpoints, evaluates and reports how far it got (a fixed time slot).
     max_minutes: float = 0.0
+    # With max_minutes: after the compile warm-up, measure the speed over one log window and shorten
+    # the schedule to the whole epochs that fit the budget (never lengthen it), so the run finishes
+    # its schedule instead of being cut mid-way (engine/time_budget.py).
+    fit_to_time: bool = False
     log_every: int = 10
     checkpoint_every: int = 500  # steps between checkpoints (also written at every epoch end)
     keep_checkpoints: int = 1  # extra step-numbered checkpoints kept beside checkpoint.pth

@@ -52,6 +52,12 @@ class MetricsLogger:
             shown.update({k: v for k, v in metrics.items() if k.endswith("_loss") and k != "total_loss"})
             self._bar.set_postfix({k: _short(v) for k, v in shown.items()}, refresh=False)
 
+    def set_total(self, total_steps: int) -> None:
+        """A new length of the run (train.fit_to_time shortened its schedule)."""
+        if self._bar is not None:
+            self._bar.total = total_steps
+            self._bar.refresh()
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)

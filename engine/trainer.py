@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from .runtime.attention_check import check_model_attention
 from .runtime.compile import CompileMonitor, apply_compile, mark_variable_lengths
 from .runtime.auto import resolve_auto
 from .schedules import build_schedules
+from . import time_budget
 from flashdino.profiling.ranges import phase
 
 
@@ -59,6 +60,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     images_seen: int = 0
     skipped_files: List[str] = field(default_factory=list)
+    fitted_epochs: int = 0  # train.fit_to_time's shortened schedule (0: the configured one)
 
 
 def dali_device_id(device: torch.device) -> Optional[int]:
@@ -113,11 +115,14 @@ class Trainer:
         self.schedules = build_schedules(cfg, iters, self.world_size)
         self.guard = FiniteGuard(self.device)
         self.output_dir = cfg.train.output_dir
+        if cfg.train.fit_to_time and not cfg.train.max_minutes:
+            raise ConfigError("train.fit_to_time=true fits the schedule to train.max_minutes; set that too")
+        self.schedule_fit: Optional[Dict[str, Any]] = None
         if cfg.train.resume:
             self._maybe_resume()
-        self.total_steps = self.schedules.total_iters
-        if cfg.train.max_steps:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        if self.state.fitted_epochs:  # a resumed run continues the schedule it was fitted to
+            self._set_epochs(self.state.fitted_epochs)
+        self._set_total_steps()
         self.logger = MetricsLogger(
             self.output_dir, self.total_steps, self.state.step, cfg.log.jsonl, cfg.log.tensorboard,
             cfg.log.progress_bar, enabled=is_main_process(),
@@ -126,6 +131,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up helpers
     # ------------------------------------------------------------------------------------------
+    def _set_total_steps(self) -> None:
+        self.total_steps = self.schedules.total_iters
+        if self.cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, self.cfg.train.max_steps)
+
+    def _set_epochs(self, epochs: int) -> None:
+        self.cfg.optim.epochs = int(epochs)
+        self.schedules = build_schedules(self.cfg, self.schedules.iters_per_epoch, self.world_size)
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
@@ -198,6 +212,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "config": to_dict(self.cfg),
             "world_size": self.world_size,
+            "schedule_fit": self.schedule_fit,
         })
         if is_distributed():
             # Each rank draws its own drop-path / masking randomness; resume must restore all of them.
@@ -209,6 +224,7 @@ class Trainer:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.runtime.load_state_dict(state, self.output_dir)
         self.state = TrainState(**state["train_state"])
+        self.schedule_fit = state.get("schedule_fit")
         per_rank = state.get("rng_per_rank")
         ckpt.set_rng_state(per_rank[self.rank] if per_rank and len(per_rank) == self.world_size else state["rng"])
 
@@ -323,6 +339,7 @@ class Trainer:
         n = self.schedules.iters_per_epoch
         log_every = max(1, cfg.train.log_every)
         window_start, window_images = time.perf_counter(), 0
+        measure_from: Optional[Tuple[float, int]] = None  # (time, step) where the speed measurement began
         last: Dict[str, float] = {}
         t_start = time.perf_counter()
         stopped_early = None
@@ -355,6 +372,16 @@ class Trainer:
                             if hasattr(cb, "on_log"):
                                 cb.on_log(self, st.step, last, losses)
                         self.logger.log(st.step, last)
+                        # This process's first log window holds the compile warm-up (and a resume's
+                        # loader start); the speed is measured from its end over whole windows
+                        # spanning a tenth of the budget, so that one slow window cannot decide.
+                        if cfg.train.fit_to_time and not st.fitted_epochs:
+                            if measure_from is None:
+                                measure_from = (time.perf_counter(), st.step)
+                            else:
+                                seconds_per_step = self._measured_speed_if_due(measure_from)
+                                if seconds_per_step is not None:
+                                    self._fit_schedule_to_time(t_start, seconds_per_step)
                         window_start, window_images = time.perf_counter(), 0
                     # One process decides from its own clock every step; several ranks agree at log
                     # steps (rank 0's clock), where they synchronize anyway.
@@ -381,6 +408,7 @@ class Trainer:
             "skipped_images": len(st.skipped_files),
             "planned_steps": self.total_steps,
             "stopped_early": stopped_early,
+            "schedule_fit": self.schedule_fit,
             "last_metrics": last,
             "output_dir": self.output_dir,
             "runtime": self.runtime.name,
@@ -396,6 +424,51 @@ class Trainer:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(self, summary)
         return summary
+
+    def _measured_speed_if_due(self, measure_from: Tuple[float, int]) -> Optional[float]:
+        """Seconds per step since `measure_from` once that span covers a tenth of train.max_minutes,
+        else None; rank 0's clock decides for every rank (they must enter the fit together)."""
+        span = time.perf_counter() - measure_from[0]
+        steps = self.state.step - measure_from[1]
+        due = span >= time_budget.MEASURE_FRACTION * 60.0 * self.cfg.train.max_minutes and steps > 0
+        seconds_per_step = span / steps if steps > 0 else 0.0
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            decided = torch.tensor([float(due), seconds_per_step], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(decided, src=0)
+            due, seconds_per_step = bool(decided[0]), float(decided[1])
+        return seconds_per_step if due else None
+
+    def _fit_schedule_to_time(self, t_start: float, seconds_per_step: float) -> None:
+        """Shorten the schedule to the epochs that fit train.max_minutes (see engine/time_budget.py);
+        rank 0's measurement decides for every rank."""
+        cfg, st = self.cfg, self.state
+        planned = epochs = cfg.optim.epochs
+        if is_main_process():
+            epochs = time_budget.fitted_epochs(
+                planned_epochs=planned, warmup_epochs=cfg.optim.warmup_epochs,
+                iters_per_epoch=self.schedules.iters_per_epoch, step=st.step, elapsed_s=time.perf_counter() - t_start,
+                seconds_per_step=max(seconds_per_step, 1e-9), budget_s=60.0 * cfg.train.max_minutes)
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            decided = torch.tensor([float(epochs)], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(decided, src=0)  # rank 0's clock also decides the elapsed time
+            epochs = int(decided[0])
+        fit: Dict[str, Any] = {"planned_epochs": planned, "fitted_epochs": epochs, "at_step": st.step,
+                               "seconds_per_step": seconds_per_step, "max_change_of_past_values": {}}
+        st.fitted_epochs = epochs  # decided once per run, also when nothing changes
+        if epochs < planned:
+            old = self.schedules
+            self._set_epochs(epochs)
+            fit["max_change_of_past_values"] = time_budget.past_value_drift(old, self.schedules, st.step)
+            self._set_total_steps()
+            self.logger.set_total(self.total_steps)
+            if is_main_process():  # the run's recorded config is the schedule it runs
+                with open(os.path.join(self.output_dir, "config.yaml"), "w") as fh:
+                    fh.write(dump_yaml(cfg))
+        self.schedule_fit = fit
+        self.logger.write(f"[flashdino] fit_to_time: {seconds_per_step * 1e3:.1f} ms/step at step {st.step}; "
+                          + (f"schedule shortened from {planned} to {epochs} epochs ({self.total_steps} steps) to fit "
+                             f"train.max_minutes={cfg.train.max_minutes:g}" if epochs < planned
+                             else f"the {planned}-epoch schedule fits train.max_minutes={cfg.train.max_minutes:g}"))
 
     def _time_is_up(self, t_start: float) -> bool:
         """Whether train.max_minutes is spent; every rank gets rank 0's answer (clocks differ)."""

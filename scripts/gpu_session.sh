@@ -139,13 +139,15 @@ phase_data() {  # issue 4: DALI-GPU vs DALI-CPU vs torchvision, and the pipeline
 }
 
 phase_demo() {  # issue 3: the longer demo must beat raw pixels; Fashion-MNIST travels in .gpu-demo
-  # train.max_minutes stops training in time for the k-NN, the plots and the report (about 2
-  # minutes) within this call; the report then says the schedule did not finish.
+  # train.max_minutes keeps training within this call, leaving time for the k-NN, the plots and the
+  # report (about 2 minutes). train.fit_to_time measures the speed after the compile warm-up (the
+  # machine is shared with the tests and parity) and shortens the schedule to the whole epochs that
+  # fit, so the run finishes a schedule rather than being cut mid-way; the report says so.
   local minutes=$(( (END - SECONDS - 150) / 60 ))
   [ "$minutes" -ge 1 ] || minutes=1
   rm -rf /tmp/demo-run  # a fresh run, never a resume of an earlier call's
   run_phase demo python3 -m flashdino.engine.eval.demo_report --preset demo_gpu --output-dir /tmp/demo-run \
-    "data.path=$ROOT/.gpu-demo/fashion-mnist" "train.max_minutes=$minutes"
+    "data.path=$ROOT/.gpu-demo/fashion-mnist" "train.max_minutes=$minutes" train.fit_to_time=true
   # The run's small files come back with the logs; checkpoints (~64 MB) would sink the tarball.
   mkdir -p "$LOGS/demo-run"
   find /tmp/demo-run -maxdepth 1 -type f ! -name '*.pth' -size -8M -exec cp {} "$LOGS/demo-run/" \;

@@ -101,3 +101,14 @@ def test_missing_fashion_mnist_names_the_install_command(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")  # reported before any training
+
+
+def test_a_schedule_fitted_to_the_time_budget_is_named_in_the_report():
+    from flashdino.engine.eval.demo_report import _fit_note
+
+    fit = {"planned_epochs": 30, "fitted_epochs": 21, "at_step": 100, "seconds_per_step": 0.0325,
+           "max_change_of_past_values": {"lr": 0.0, "wd": 1.5e-6}}
+    note = _fit_note(fit)
+    assert "21 of 30 planned epochs" in note and "32.5 ms/step" in note and "step 100" in note
+    assert "lr 0" in note and "wd 1.5e-06" in note
+    assert _fit_note(dict(fit, fitted_epochs=30)) == "" and _fit_note(None) == ""

@@ -249,7 +249,26 @@ def job_time_limit(rank, folder):
     cfg = tiny_config(os.path.join(folder, "run"), "runtime.distributed=ddp", "train.precision=fp32",
                       "train.max_minutes=1e-9", "train.log_every=2", "train.resume=false")
     summary = Trainer(cfg).fit()
-    return {"steps": summary["steps"], "stopped_early": summary["stopped_early"]}
+    out = {"steps": summary["steps"], "stopped_early": summary["stopped_early"]}
+
+    # train.fit_to_time: rank 0 runs 1 s per step on its clock, rank 1's clock stands still; both
+    # must shorten the schedule to rank 0's answer (4 steps per epoch: 28 steps, see test_trainer).
+    now = [0.0]
+    trainer_mod.time = type("StepClock", (), {"perf_counter": staticmethod(lambda: now[0])})
+    cfg = tiny_config(os.path.join(folder, "fit"), "runtime.distributed=ddp", "train.precision=fp32", "optim.epochs=10",
+                      "train.max_minutes=0.5", "train.fit_to_time=true", "train.log_every=2", "train.resume=false")
+    trainer = Trainer(cfg)
+    step = trainer.train_step
+
+    def timed_step(batch):
+        now[0] += 1.0 if rank == 0 else 0.0
+        return step(batch)
+
+    trainer.train_step = timed_step
+    summary = trainer.fit()
+    out["fit"] = {"steps": summary["steps"], "fitted_epochs": summary["schedule_fit"]["fitted_epochs"],
+                  "stopped_early": summary["stopped_early"]}
+    return out
 
 
 JOBS = {"eval_at_end": job_eval_at_end, "time_limit": job_time_limit, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
@@ -382,3 +401,4 @@ def test_max_minutes_stops_every_rank_at_the_same_step(tmp_path):
     ranks = run_on_two_ranks("time_limit", tmp_path)
     assert [r["steps"] for r in ranks] == [2, 2]  # the first log step, on rank 0's clock
     assert all(r["stopped_early"].startswith("train.max_minutes=1e-09 reached at step 2") for r in ranks)
+    assert [r["fit"] for r in ranks] == [{"steps": 28, "fitted_epochs": 7, "stopped_early": None}] * 2

@@ -220,3 +220,104 @@ def test_plots_without_an_evaluation_read_the_training_images(tmp_path):
 
     summary = Trainer(cfg, build_callbacks(cfg)).fit()
     assert sorted(os.path.basename(p) for p in summary["plots"]) == ["attention_maps.png", "loss_curves.png"]
+
+
+def _fake_clock(monkeypatch, trainer, seconds_per_step):
+    """The trainer's clock advances only by `seconds_per_step` per training step."""
+    import flashdino.engine.trainer as trainer_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(trainer_mod, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    step = trainer.train_step
+
+    def timed_step(batch):
+        now[0] += seconds_per_step
+        return step(batch)
+
+    trainer.train_step = timed_step
+
+
+def _cosine_v1(start, end, i, total):
+    import math
+
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * i / total))
+
+
+def test_fit_to_time_shortens_the_schedule_to_whole_epochs_that_fit_and_finishes_it(tmp_path, monkeypatch):
+    # 4 steps per epoch, 10 epochs planned (2 of warm-up); 1 s per step and a 30 s budget. The speed
+    # is measured from the first log step (2) over windows spanning >= 3 s (a tenth): at step 6,
+    # (30 * 0.95 - 6) s are left -> 22 more steps -> 28 steps = 7 whole epochs.
+    extra = ("data.synthetic_size=16", "optim.epochs=10", "optim.warmup_epochs=2", "train.log_every=2",
+             "train.max_minutes=0.5", "train.fit_to_time=true")
+    trainer = Trainer(tiny_config(tmp_path, "simdino_vits16", *extra))
+    assert trainer.total_steps == 40
+    _fake_clock(monkeypatch, trainer, 1.0)
+    summary = trainer.fit()
+    assert summary["steps"] == summary["planned_steps"] == 28 and summary["stopped_early"] is None
+    fit = summary["schedule_fit"]
+    assert (fit["planned_epochs"], fit["fitted_epochs"], fit["at_step"], fit["seconds_per_step"]) == (10, 7, 6, 1.0)
+    # The LR warm-up (steps 0-7) is the same in both schedules; weight decay is a cosine from step 0.
+    assert fit["max_change_of_past_values"]["lr"] == 0.0
+    o = trainer.cfg.optim
+    want_wd = max(abs(_cosine_v1(o.weight_decay, o.weight_decay_end, i, 40) - _cosine_v1(o.weight_decay, o.weight_decay_end, i, 28))
+                  for i in range(6))
+    assert fit["max_change_of_past_values"]["wd"] == pytest.approx(want_wd, rel=1e-9) and want_wd > 0
+    # The schedule really ended: the last step ran at the end of the new cosine (warm-up 8 of 28
+    # steps), not mid-way through the planned one.
+    peak = trainer.schedules.lr.peak
+    assert trainer.schedules.values(27)["lr"] == pytest.approx(_cosine_v1(peak, o.min_lr, 27 - 8, 28 - 8), rel=1e-9)
+    assert trainer.schedules.values(27)["lr"] < 1.1 * o.min_lr
+    assert "epochs: 7" in (tmp_path / "config.yaml").read_text()
+    # A resumed run keeps the fitted schedule (its own config still says 10 epochs).
+    resumed = Trainer(tiny_config(tmp_path, "simdino_vits16", *extra))
+    assert resumed.state.step == 28 and resumed.total_steps == 28 and resumed.schedule_fit == fit
+
+
+def test_fit_to_time_measures_over_a_tenth_of_the_budget_not_one_window(tmp_path, monkeypatch):
+    # 60 s budget -> the speed is measured over >= 6 s from the first log step (2). Step 3 takes 4 s
+    # (a burst), every other step 1 s. At step 4 only 5 s are behind (too short); at step 6, 7 s over
+    # 4 steps = 1.75 s/step, 9 s elapsed: (57 - 9) / 1.75 = 27.4 more steps -> 33 -> 8 epochs of 4.
+    # (The window of steps 3-4 alone would have said 2.5 s/step and 6 epochs.)
+    import flashdino.engine.trainer as trainer_mod
+
+    extra = ("data.synthetic_size=16", "optim.epochs=50", "optim.warmup_epochs=2", "train.log_every=2",
+             "train.max_minutes=1", "train.fit_to_time=true")
+    trainer = Trainer(tiny_config(tmp_path, "simdino_vits16", *extra))
+    now, calls = [0.0], [0]
+    monkeypatch.setattr(trainer_mod, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    step = trainer.train_step
+
+    def bursty_step(batch):
+        calls[0] += 1
+        now[0] += 4.0 if calls[0] == 3 else 1.0
+        return step(batch)
+
+    trainer.train_step = bursty_step
+    summary = trainer.fit()
+    fit = summary["schedule_fit"]
+    assert (fit["at_step"], fit["seconds_per_step"], fit["fitted_epochs"]) == (6, 1.75, 8)
+    assert summary["steps"] == 32 and summary["stopped_early"] is None
+
+
+def test_fit_to_time_keeps_a_schedule_that_fits_and_needs_max_minutes(tmp_path, monkeypatch):
+    extra = ("data.synthetic_size=16", "optim.epochs=3", "train.log_every=2", "train.fit_to_time=true")
+    trainer = Trainer(tiny_config(tmp_path, "simdino_vits16", *extra, "train.max_minutes=0.5"))
+    _fake_clock(monkeypatch, trainer, 1.0)
+    summary = trainer.fit()
+    assert summary["steps"] == 12 and summary["schedule_fit"]["fitted_epochs"] == 3
+    assert summary["schedule_fit"]["max_change_of_past_values"] == {}
+    with pytest.raises(ConfigError, match="train.fit_to_time=true fits the schedule to train.max_minutes"):
+        Trainer(tiny_config(tmp_path / "bad", "simdino_vits16", *extra))
+
+
+def test_fitted_epochs_by_hand():
+    from flashdino.engine.time_budget import fitted_epochs
+
+    common = dict(planned_epochs=30, warmup_epochs=3, iters_per_epoch=100, seconds_per_step=0.5)
+    # 600 s * 0.95 = 570 s; 60 s used at step 100 -> 1020 more steps -> 1120 steps -> 11 epochs.
+    assert fitted_epochs(step=100, elapsed_s=60.0, budget_s=600.0, **common) == 11
+    assert fitted_epochs(step=100, elapsed_s=60.0, budget_s=1e6, **common) == 30  # never longer than planned
+    assert fitted_epochs(step=100, elapsed_s=60.0, budget_s=30.0, **common) == 4  # warm-up + one epoch at least
+    assert fitted_epochs(step=750, elapsed_s=60.0, budget_s=30.0, **common) == 8  # never behind the current epoch
+    with pytest.raises(ValueError, match="seconds_per_step"):
+        fitted_epochs(step=100, elapsed_s=60.0, budget_s=600.0, **dict(common, seconds_per_step=0.0))

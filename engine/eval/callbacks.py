@@ -176,6 +176,10 @@ def format_summary(cfg, trainer, summary: Dict[str, object], first: Optional[Dic
                + (f" (preset {cfg.preset})" if cfg.preset else ""))
     out.append(f"trained    {summary.get('steps')} steps, {float(summary.get('epochs') or 0):.2f} epochs, "
                f"{images:,} images in {_duration(seconds)} ({images / max(seconds, 1e-9):.0f} img/s) on {trainer.device}")
+    fit = summary.get("schedule_fit")
+    if fit and fit["fitted_epochs"] < fit["planned_epochs"]:
+        out.append(f"           schedule fitted to train.max_minutes: {fit['fitted_epochs']} of {fit['planned_epochs']} "
+                   f"planned epochs ({fit['seconds_per_step'] * 1e3:.1f} ms/step measured at step {fit['at_step']})")
     if summary.get("stopped_early"):
         out.append(f"           STOPPED EARLY: {summary['stopped_early']} (the schedule did not finish)")
     out.append(f"losses     first log: {_losses(first)}")

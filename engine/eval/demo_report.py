@@ -74,6 +74,17 @@ def _last_json_line(text: str) -> Dict[str, object]:
     return {}
 
 
+def _fit_note(fit) -> str:
+    """The training line's note on train.fit_to_time, when it shortened the schedule."""
+    if not fit or fit["fitted_epochs"] >= fit["planned_epochs"]:
+        return ""
+    drift = fit.get("max_change_of_past_values") or {}
+    return (f"; schedule **fitted to the time budget**: {fit['fitted_epochs']} of {fit['planned_epochs']} planned epochs "
+            f"(speed {fit['seconds_per_step'] * 1e3:.1f} ms/step measured at step {fit['at_step']}; the steps before "
+            "used the longer schedule's values, at most " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(drift.items()))
+            + " away)")
+
+
 def write_report(result: Dict[str, object], results_dir: str, preset: str) -> List[str]:
     import torch
 
@@ -96,7 +107,7 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
     record = {"kind": "flashdino.demo", "meta": meta, "preset": preset, "wall_seconds": result["wall_seconds"],
               "cpu_seconds": result["cpu_seconds"], "load_before": result["load_before"],
               "load_after": result["load_after"], "budget_seconds": budget, "verdict": verdict,
-              "train": {k2: summary.get(k2) for k2 in ("steps", "planned_steps", "stopped_early", "epochs",
+              "train": {k2: summary.get(k2) for k2 in ("steps", "planned_steps", "stopped_early", "schedule_fit", "epochs",
                                                        "images_seen", "train_seconds", "eval_seconds", "collapse")},
               "knn": {"k": int(k), "temperature": knn["temperature"], "data": knn["data"], "top1_top5": acc,
                       "seconds": knn.get("seconds")}}
@@ -116,7 +127,8 @@ def write_report(result: Dict[str, object], results_dir: str, preset: str) -> Li
         f"- training: {summary.get('steps')} steps, {float(summary.get('epochs') or 0):.2f} epochs, "
         f"{summary.get('images_seen')} images in {float(summary.get('train_seconds') or 0):.0f} s; "
         f"evaluation {float(summary.get('eval_seconds') or 0):.0f} s"
-        + (f"; **stopped early**: {summary['stopped_early']}" if summary.get("stopped_early") else ""),
+        + (f"; **stopped early**: {summary['stopped_early']}" if summary.get("stopped_early") else "")
+        + _fit_note(summary.get("schedule_fit")),
         "", f"Weighted {k}-NN (T = {knn['temperature']}, cosine, L2-normalized features), {knn['data']}:", "",
         "| features | top-1 | top-5 |", "|---|---|---|",
     ]
