@@ -12,6 +12,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "color_augment.h"
@@ -231,7 +233,9 @@ void ColorAugment<::dali::GPUBackend>::RunImpl(::dali::Workspace &ws) {
       blur_floats += npix * 3;
     }
   }
-  float *taps_dev = any_blur ? scratch.ToGPU(stream, taps) : nullptr;
+  // Descriptors go up through pinned staging buffers (ToContiguousGPU): a cudaMemcpyAsync from
+  // pageable memory (ToGPU on a std::vector) may block this thread until the stream catches up.
+  float *taps_dev = any_blur ? std::get<0>(scratch.ToContiguousGPU(stream, taps)) : nullptr;
   float *blur_dev = any_blur ? scratch.AllocateGPU<float>(2 * blur_floats) : nullptr;
   for (int i = 0; i < n; i++) {
     GpuSample &s = host[i];
@@ -246,7 +250,8 @@ void ColorAugment<::dali::GPUBackend>::RunImpl(::dali::Workspace &ws) {
   }
   // Every block of a contrast sample writes its partial sum, so no zeroing is needed.
   float *partials = scratch.AllocateGPU<float>(static_cast<size_t>(n) * BlocksPerSample(max_pix));
-  GpuSample *samples_dev = scratch.ToGPU(stream, host);
+  static_assert(std::is_trivially_copyable<GpuSample>::value, "descriptors are copied as bytes");
+  GpuSample *samples_dev = std::get<0>(scratch.ToContiguousGPU(stream, host));
 
   Finish f;
   for (int c = 0; c < 3; c++) {
