@@ -123,12 +123,20 @@ phase_bench() {  # issue 6 targets; the suite's own parity stage is skipped (pha
   done
 }
 
+phase_variant() {  # PRESET:key=value[,key=value]: the engine and the engine with these overrides, one run
+  local preset=${1%%:*} overrides=${1#*:} slug
+  if [ -z "$preset" ] || [ "$preset" = "$1" ] || [ -z "$overrides" ]; then
+    echo "variant: expected PRESET:key=value[,key=value], got '$1'"; status=2; return
+  fi
+  slug=$(echo "$overrides" | tr -c 'A-Za-z0-9_.=\n-' '_')
+  # shellcheck disable=SC2086  # the overrides are key=value words
+  run_phase "variant_${preset}_$slug" fd_fast bench --preset "$preset" --sides engine --variant ${overrides//,/ } \
+    --steps 20 --warmup 3 --out "profiling/results/bench_variant/$preset/$slug"
+}
+
 phase_packed() {  # issue 6: does DINOv3-style packing of the crop groups pay? engine vs packed, one run
   local presets=${1:-simdino_vitb16}
-  for preset in ${presets//,/ }; do
-    run_phase "packed_$preset" fd_fast bench --preset "$preset" --sides engine --variant runtime.multicrop=packed \
-      --steps 20 --warmup 3 --out "profiling/results/bench_packed/$preset"
-  done
+  for preset in ${presets//,/ }; do phase_variant "$preset:runtime.multicrop=packed"; done
 }
 
 phase_kernels() { run_phase kernels python3 -m flashdino.profiling.kernel_bench; }
@@ -170,8 +178,9 @@ for p in "${phases[@]}"; do
                                                   # may share the machine with it; timed ones may not
     bench=*) phase_bench "${p#bench=}" ;;
     packed=*) phase_packed "${p#packed=}" ;;
+    variant=*) phase_variant "${p#variant=}" ;;
     tests|parity|bench|packed|kernels|data|demo) "phase_$p" ;;
-    *) echo "unknown phase '$p' (setup tests parity bench bench=P1,P2 packed packed=P1,P2 kernels data demo demo-bg)"; status=2 ;;
+    *) echo "unknown phase '$p' (setup tests parity bench bench=P1,P2 packed packed=P1,P2 variant=P:k=v,k=v kernels data demo demo-bg)"; status=2 ;;
   esac
 done
 wait  # a background demo

@@ -54,14 +54,23 @@ def test_unknown_phase_is_named(tmp_path):
     assert done.returncode == 2 and "unknown phase 'benchmark'" in done.stdout
 
 
-def test_the_packing_ab_phase_runs_per_preset_and_respects_the_deadline(tmp_path):
+def test_the_variant_phases_run_per_preset_and_respect_the_deadline(tmp_path):
     root = _copy_of_the_repo(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, GPU_SESSION_SECONDS="20", OUT=str(out))
-    done = subprocess.run(["bash", "scripts/gpu_session.sh", "packed=simdino_vitb16,simdino_vits16"], cwd=root, env=env,
+    done = subprocess.run(["bash", "scripts/gpu_session.sh", "packed=simdino_vitb16,simdino_vits16",
+                           "variant=simdino_vitb16:runtime.compile=full,runtime.cuda_graphs=true"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
-    for preset in ("simdino_vitb16", "simdino_vits16"):
-        assert f"=== packed_{preset}: skipped, the call's time is used up" in done.stdout
-    assert [p.name for p in out.iterdir()] == ["gpu-results-packed_simdino_vitb16_simdino_vits16.tgz"]
+    for name in ("simdino_vitb16_runtime.multicrop=packed", "simdino_vits16_runtime.multicrop=packed",
+                 "simdino_vitb16_runtime.compile=full_runtime.cuda_graphs=true"):
+        assert f"=== variant_{name}: skipped, the call's time is used up" in done.stdout, name
+    assert len(list(out.iterdir())) == 1
+
+
+def test_a_malformed_variant_is_named(tmp_path):
+    root = _copy_of_the_repo(tmp_path)
+    done = subprocess.run(["bash", "scripts/gpu_session.sh", "variant=simdino_vitb16"], cwd=root, capture_output=True,
+                          text=True, env=dict(os.environ, GPU_SESSION_SECONDS="20"), timeout=60)
+    assert done.returncode == 2 and "expected PRESET:key=value" in done.stdout
