@@ -196,24 +196,17 @@ def run_bench(engine_cfg, *, data: str = "synthetic", steps: int = 20, warmup: i
     del ref
     harness.free_memory()
 
-    if "engine" in sides:
+    # The engine (and the variant) start from the reference's initial weights.
+    for name, cfg in (("engine", cfg_e if "engine" in sides else None), ("variant", cfg_v)):
+        if cfg is None:
+            continue
         _reset_memory(device)
-        eng = harness.build_trainer(cfg_e)
-        init_diff = harness.load_model_state(eng, init_state)
-        results["engine"] = measure(eng, cfg_e, data=data, steps=steps, warmup=warmup, phase_steps=phase_steps,
-                                    pool=pool, seed=seed)
-        results["engine"]["init_max_abs_diff"] = init_diff
-        del eng
-        harness.free_memory()
-
-    if cfg_v is not None:
-        _reset_memory(device)
-        var = harness.build_trainer(cfg_v)
-        init_diff = harness.load_model_state(var, init_state)
-        results["variant"] = measure(var, cfg_v, data=data, steps=steps, warmup=warmup, phase_steps=phase_steps,
-                                     pool=pool, seed=seed)
-        results["variant"]["init_max_abs_diff"] = init_diff
-        del var
+        trainer = harness.build_trainer(cfg)
+        init_diff = harness.load_model_state(trainer, init_state)
+        results[name] = measure(trainer, cfg, data=data, steps=steps, warmup=warmup, phase_steps=phase_steps,
+                                pool=pool, seed=seed)
+        results[name]["init_max_abs_diff"] = init_diff
+        del trainer
         harness.free_memory()
 
     meta = env.run_metadata(device, command)
