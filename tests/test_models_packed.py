@@ -1,7 +1,9 @@
 """Packed multi-crop execution (runtime.multicrop=packed): the token-wise layers run once over the
 tokens of every crop group, attention per group. The values must be those of one backbone call per
-group, checked against a float64 copy of the model run group by group; the stochastic-depth
-variants are checked sample by sample against the outcomes they may produce."""
+group, checked against a float64 copy of the model run group by group. With drop path on, a packed
+run draws the same random numbers in the same order as the grouped run, so the two agree in
+training mode too; a Block called directly with a list draws block-major, and its outputs are
+checked sample by sample against the outcomes stochastic depth may produce."""
 import copy
 
 import pytest
@@ -57,6 +59,25 @@ def test_packed_forward_and_gradients_match_a_float64_grouped_run(style, registe
     for (name, p), q in zip(vit.named_parameters(), ref.parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("style", ["v1", "v2"])  # per-sample drop path / batch-subset drop path
+def test_packed_training_forward_draws_the_same_stochastic_depth_as_the_grouped_one(style):
+    vit = small_vit(style, drop_path=0.4).train()
+    xs = crop_groups(3)
+    masks = [torch.rand(6, 16) < 0.4, None] if style == "v2" else None
+    torch.manual_seed(11)
+    got = vit.forward_features_list(xs, masks)
+    torch.manual_seed(11)
+    want = [vit.forward_features(x, masks=None if masks is None else masks[i]) for i, x in enumerate(xs)]
+    for out, exp in zip(got, want):
+        torch.testing.assert_close(out["patch"], exp["patch"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["cls"], exp["cls"], rtol=1e-5, atol=1e-5)
+    # ... and drop path really acted: another seed gives other outputs.
+    torch.manual_seed(12)
+    other = vit.forward_features_list(xs, masks)
+    dropped = sum(int(not torch.allclose(a["cls"], b["cls"])) for a, b in zip(other, got))
+    assert dropped == 2
 
 
 def test_packed_forward_rejects_a_mask_count_that_does_not_match_the_groups():
@@ -116,20 +137,22 @@ def test_packed_batch_subset_drop_path_keeps_floor_b_times_one_minus_rate_per_gr
 def _tiny_cfg(tmp_path, preset, *extra):
     return build_config(preset, overrides=[
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "model.img_size=32",
-        "model.drop_path_rate=0", "head.hidden_dim=32", "head.bottleneck_dim=16", "head.n_prototypes=64",
+        "head.hidden_dim=32", "head.bottleneck_dim=16", "head.n_prototypes=64",
         "crops.global_size=32", "crops.local_size=16", "crops.n_local=3", "train.precision=fp32",
         f"train.output_dir={tmp_path}", *extra,
     ])
 
 
 @pytest.mark.parametrize("preset", ["simdino_vits16", "simdinov2_vitb16", "dino_vits16"])
-def test_meta_arch_loss_and_gradients_are_the_same_grouped_or_packed(tmp_path, preset):
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_meta_arch_loss_and_gradients_are_the_same_grouped_or_packed(tmp_path, preset, drop_path):
     from flashdino.engine.meta_arch import SSLMetaArch
     from flashdino.pipelines.masking import mask_indices_and_weights
 
     torch.manual_seed(0)
-    grouped = SSLMetaArch(_tiny_cfg(tmp_path, preset)).train()
-    packed = SSLMetaArch(_tiny_cfg(tmp_path, preset, "runtime.multicrop=packed")).train()
+    rate = f"model.drop_path_rate={drop_path}"
+    grouped = SSLMetaArch(_tiny_cfg(tmp_path, preset, rate)).train()
+    packed = SSLMetaArch(_tiny_cfg(tmp_path, preset, rate, "runtime.multicrop=packed")).train()
     packed.load_state_dict(grouped.state_dict())
     b = 4
     batch = {"global_crops": torch.randn(2 * b, 3, 32, 32), "local_crops": torch.randn(3 * b, 3, 16, 16)}
@@ -138,7 +161,9 @@ def test_meta_arch_loss_and_gradients_are_the_same_grouped_or_packed(tmp_path, p
         masks[:, 0] = True
         batch["masks"] = masks
         batch["mask_indices"], batch["mask_weights"] = mask_indices_and_weights(masks)
+    torch.manual_seed(5)  # the same drop-path draws on both sides
     ref = grouped(batch)
+    torch.manual_seed(5)
     out = packed(batch)
     torch.testing.assert_close(out["total_loss"], ref["total_loss"], rtol=1e-5, atol=1e-6)
     ref["total_loss"].backward()

@@ -203,18 +203,10 @@ def test_time_limit_stops_early_writes_what_was_compared_and_fails(tmp_path, mon
     assert cli_main(["parity", "--preset", "demo", "--time-limit", "0"]) == 2
 
 
-def test_packed_engine_passes_against_the_grouped_reference_without_drop_path(tmp_path):
-    report = run_parity(tiny("simdinov2_vitb16", "runtime.multicrop=packed", "model.drop_path_rate=0"), steps=2)
+def test_packed_engine_passes_against_the_grouped_reference_with_drop_path(tmp_path):
+    # Packed multi-crop draws stochastic depth in the grouped order, so even with drop path on the
+    # two sides take the same steps.
+    report = run_parity(tiny("simdinov2_vitb16", "runtime.multicrop=packed", "model.drop_path_rate=0.3"), steps=2)
     assert report["config"]["engine_vs_reference"]["runtime.multicrop"] == ["packed", "grouped"]
     assert report["ok"], to_markdown(report)
     assert max(r["params"]["student"]["rel_err"] for r in report["steps"]) > 0  # packing really ran
-
-
-def test_packed_engine_with_drop_path_is_refused_before_any_step(tmp_path, capsys):
-    args = ["parity", "--preset", "simdino_vits16", *SMOKE_OVERRIDES, "train.precision=fp32", "model.drop_path_rate=0.1",
-            "runtime.multicrop=packed", "--steps", "1", "--out", str(tmp_path)]
-    assert cli_main(args) == 2
-    assert "drop-path masks come in another order" in capsys.readouterr().err
-    assert not (tmp_path / "parity.json").exists()
-    with pytest.raises(ValueError, match="model.drop_path_rate=0"):
-        run_parity(tiny("simdino_vits16", "runtime.multicrop=packed", "model.drop_path_rate=0.1"), steps=1)

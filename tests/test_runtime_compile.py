@@ -68,13 +68,16 @@ def test_block_compile_captures_each_block_variant_once_without_breaks(tmp_path)
 
 def test_block_compile_of_packed_multicrop_is_one_student_graph_matching_eager(tmp_path):
     # runtime.multicrop=packed: each student block takes both crop groups as one list, so one graph
-    # covers them (plus the teacher's); the values equal the eager grouped step's.
-    common = ("model.drop_path_rate=0", "train.seed=3")
+    # covers them (plus the teacher's); the values equal the eager grouped step's, drop path included
+    # (packed blocks get their stochastic-depth draws from outside the graph, in the grouped order).
+    common = ("model.drop_path_rate=0.2", "train.seed=3")
     eager = make_trainer(tmp_path / "eager", "simdinov2_vitb16", *common)
     packed = make_trainer(tmp_path / "packed", "simdinov2_vitb16", "runtime.compile=block", "runtime.multicrop=packed",
                           *common)
     data = batches(eager, 3)
+    torch.manual_seed(7)  # the same global RNG state for both runs' drop-path draws
     ref = run_steps(eager, data, strict_after_first=False)
+    torch.manual_seed(7)
     got = run_steps(packed, data)
     report = packed.compile_report
     assert report.graph_breaks == 0 and report.graphs == 2, report.summary()

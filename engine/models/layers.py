@@ -49,8 +49,12 @@ _RATE_SCALE = 2 ** 30
 
 def _drop_path_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """:func:`drop_path` with the keep probability as a 0-d tensor (one compiled graph for any rate)."""
-    mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
-    return x * mask / keep.to(x.dtype)
+    return _apply_keep(x, torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device), keep)
+
+
+def _apply_keep(x: torch.Tensor, uniform: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-sample stochastic depth from already drawn uniforms (one per sample, broadcastable)."""
+    return x * (uniform < keep) / keep.to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -73,26 +77,26 @@ def batch_subset_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torc
 
     Computing the branch on the kept samples only is what saves the compute; the b / kept factor
     keeps the expected residual equal to branch(x)."""
-    b = x.shape[0]
-    kept = max(int(b * (1.0 - rate)), 1)
-    index = torch.randperm(b, device=x.device)[:kept]
+    index = batch_subset_draw(x.shape[0], rate, x.device)
     residual = branch(x[index])
-    return torch.index_add(x, 0, index, residual.to(x.dtype), alpha=b / kept)
+    return torch.index_add(x, 0, index, residual.to(x.dtype), alpha=x.shape[0] / index.shape[0])
+
+
+def batch_subset_draw(b: int, rate: float, device) -> torch.Tensor:
+    """The kept samples of one batch-subset branch: the first floor(b * (1 - rate)) (at least one)
+    of a random permutation, drawn as :func:`batch_subset_residual` draws them."""
+    return torch.randperm(b, device=device)[:max(int(b * (1.0 - rate)), 1)]
 
 
 def batch_subset_residual_packed(
-    xs: List[torch.Tensor], branch: Callable[[List[torch.Tensor]], List[torch.Tensor]], rate: float
+    xs: List[torch.Tensor], branch: Callable[[List[torch.Tensor]], List[torch.Tensor]], indices: List[torch.Tensor]
 ) -> List[torch.Tensor]:
-    """:func:`batch_subset_residual` over crop groups whose branch runs packed: each group draws
-    its own subset (so each keeps floor(b_i * (1 - rate)) samples, as it would alone), and the
-    branch sees the kept samples of every group in one call."""
-    subsets = []
-    for x in xs:
-        b = x.shape[0]
-        kept = max(int(b * (1.0 - rate)), 1)
-        subsets.append((torch.randperm(b, device=x.device)[:kept], b / kept))
-    residuals = branch([x[index] for x, (index, _) in zip(xs, subsets)])
-    return [torch.index_add(x, 0, index, r.to(x.dtype), alpha=scale) for x, r, (index, scale) in zip(xs, residuals, subsets)]
+    """:func:`batch_subset_residual` over crop groups whose branch runs packed: group i keeps the
+    samples `indices[i]` (see :func:`batch_subset_draw`), and the branch sees the kept samples of
+    every group in one call."""
+    residuals = branch([x[index] for x, index in zip(xs, indices)])
+    return [torch.index_add(x, 0, index, r.to(x.dtype), alpha=x.shape[0] / index.shape[0])
+            for x, r, index in zip(xs, residuals, indices)]
 
 
 def pack_tokens(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -226,24 +230,38 @@ class Block(nn.Module):
         shapes = [tuple(x.shape[:2]) for x in xs]
         return unpack_tokens(self.ls2(self.mlp(self.norm2(pack_tokens(xs)))), shapes)
 
-    def _forward_packed(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    def draw_stochastic_depth(self, batch: int, device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The random draws of one forward over `batch` samples, (attention branch, MLP branch), in
+        the order and with the calls the unpacked forward makes them; None when it draws nothing.
+        Per-sample mode: one uniform per sample; batch-subset mode: the kept sample indices."""
+        if not (self.training and self._has_drop_path):
+            return None
+        if self.drop_mode == "batch_subset":
+            return batch_subset_draw(batch, self.drop_path, device), batch_subset_draw(batch, self.drop_path, device)
+        return torch.rand((batch, 1, 1), device=device), torch.rand((batch, 1, 1), device=device)
+
+    def _forward_packed(self, xs: List[torch.Tensor], draws: Optional[List]) -> List[torch.Tensor]:
         # The token-wise layers (norms, qkv, proj, MLP) run once over the tokens of every group;
         # attention and the residual (with its per-sample drop path) stay per group.
         if not (self.training and self._has_drop_path):
             xs = [x + r for x, r in zip(xs, self._attn_branch_packed(xs))]
             return [x + r for x, r in zip(xs, self._mlp_branch_packed(xs))]
+        if draws is None:
+            draws = [self.draw_stochastic_depth(x.shape[0], x.device) for x in xs]
+        attn_draws, mlp_draws = [d[0] for d in draws], [d[1] for d in draws]
         if self.drop_mode == "batch_subset":
-            xs = batch_subset_residual_packed(xs, self._attn_branch_packed, self.drop_path)
-            return batch_subset_residual_packed(xs, self._mlp_branch_packed, self.drop_path)
+            xs = batch_subset_residual_packed(xs, self._attn_branch_packed, attn_draws)
+            return batch_subset_residual_packed(xs, self._mlp_branch_packed, mlp_draws)
         keep = 1.0 - self._drop_rate_fixed.to(torch.float32) / _RATE_SCALE
-        xs = [x + _drop_path_keep(r, keep) for x, r in zip(xs, self._attn_branch_packed(xs))]
-        return [x + _drop_path_keep(r, keep) for x, r in zip(xs, self._mlp_branch_packed(xs))]
+        xs = [x + _apply_keep(r, u, keep) for x, r, u in zip(xs, self._attn_branch_packed(xs), attn_draws)]
+        return [x + _apply_keep(r, u, keep) for x, r, u in zip(xs, self._mlp_branch_packed(xs), mlp_draws)]
 
-    def forward(self, x):
+    def forward(self, x, draws: Optional[List] = None):
         """Tokens (B, T, D) -> (B, T, D); a list of several crop groups' tokens runs packed
-        (DINOv3-style) and returns the list."""
+        (DINOv3-style) and returns the list. `draws` (packed only): per group, the stochastic-depth
+        draws of :meth:`draw_stochastic_depth`; drawn here, group after group, when not given."""
         if isinstance(x, (list, tuple)):
-            return self._forward_packed(list(x))
+            return self._forward_packed(list(x), draws)
         if not (self.training and self._has_drop_path):
             x = x + self._attn_branch(x)
             return x + self._mlp_branch(x)

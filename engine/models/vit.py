@@ -183,13 +183,17 @@ class VisionTransformer(nn.Module):
     ) -> List[Dict[str, torch.Tensor]]:
         """:meth:`forward_features` of several crop groups (e.g. global and local crops) at once,
         their token-wise layers packed into one call per layer (DINOv3-style); attention stays per
-        group. Same values as one call per group."""
+        group. Same values as one call per group, drop path included (the same random draws)."""
         masks = list(masks) if masks is not None else [None] * len(xs)
         if len(masks) != len(xs):
             raise ValueError(f"forward_features_list: {len(xs)} crop groups but {len(masks)} masks")
         tokens = [self.prepare_tokens(x, m) for x, m in zip(xs, masks)]
-        for blk in self.blocks:
-            tokens = blk(tokens)
+        # Stochastic depth is drawn up front, group after group and block after block: the order in
+        # which one call per group draws it, so packed and grouped runs drop the same samples.
+        draws = [[blk.draw_stochastic_depth(t.shape[0], t.device) for blk in self.blocks] for t in tokens]
+        for i, blk in enumerate(self.blocks):
+            block_draws = [d[i] for d in draws]
+            tokens = blk(tokens, None if block_draws[0] is None else block_draws)
         return [self._split(self.norm(t)) for t in tokens]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
