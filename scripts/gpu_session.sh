@@ -3,14 +3,17 @@
 # 30 minutes of device time per session). Runs ON the GPU machine, in the repository root.
 #
 # Here first:  bash scripts/gpu_prepare.sh            (-> .whl/p0..pN, .gpu/, .gpu-demo/; git-ignored)
-# Then device calls, back to back (a warm machine keeps /tmp for about 30 s between calls):
-#   one per wheel part K:  carry [".whl/pK"]           bash scripts/gpu_session.sh wheels K
-#   then:                  carry [".gpu", ".gpu-demo"] bash scripts/gpu_session.sh setup demo-bg tests parity
-#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdino_vitb16,simdino_vits16
-#                          carry [".gpu"]              bash scripts/gpu_session.sh setup bench=simdinov2_vitb16 packed=simdino_vitb16
-#                          carry [".gpu"]              bash scripts/gpu_session.sh setup kernels data
+# Then device calls, back to back (a warm machine keeps /tmp for about 30 s between calls). What
+# needs no wheels comes first (`setup-lite`: no DALI, DeepSpeed or nvtx), so a session cut short
+# still returns the throughput, parity, demo and kernel results:
+#   carry [".gpu"]              bash scripts/gpu_session.sh setup-lite bench=simdino_vitb16,simdino_vits16
+#   carry [".gpu", ".gpu-demo"] bash scripts/gpu_session.sh setup-lite demo-bg parity
+#   carry [".gpu"]              bash scripts/gpu_session.sh setup-lite kernels packed=simdino_vitb16
+#   one per wheel part K:  carry [".whl/pK"]  bash scripts/gpu_session.sh wheels K
+#   carry [".gpu"]              bash scripts/gpu_session.sh setup tests data
+#   carry [".gpu"]              bash scripts/gpu_session.sh setup-lite bench=simdinov2_vitb16   (next session if short)
 # `setup` is idempotent (cheap on a warm machine; it redoes the install on a fresh one, which then
-# needs the wheel calls again). Every call ends by packing what it measured into
+# needs the wheel calls again; `setup-lite` never needs them). Every call ends by packing what it measured into
 # $OUT/gpu-results-<phases>.tgz; unpack it here with `tar xzf FILE` (it holds profiling/results/...
 # written by the harnesses, and gpu-logs/), then `python -m flashdino.profiling.report --readme README.md`.
 set -uo pipefail
@@ -67,8 +70,11 @@ fallback() {  # module, wheel name prefixes...: install the carried wheels when 
   fi
 }
 
-phase_setup() {
-  if [ ! -e /tmp/site/.flashdino-wheels ]; then
+phase_setup() {  # [lite]: without the carried wheels (no DALI, DeepSpeed, nvtx: enough for bench,
+                 # parity and kernels; NVTX ranges fall back to torch.cuda.nvtx)
+  if [ "${1:-}" = lite ]; then
+    echo "setup-lite: the wheel parts are not installed; DALI, DeepSpeed and nvtx may be missing here"
+  elif [ ! -e /tmp/site/.flashdino-wheels ]; then
     ls /tmp/wc/c0* >/dev/null 2>&1 || { echo "setup: no wheel parts in /tmp/wc; make the 'wheels K' calls first"; return 1; }
     (cd /tmp/wc && cat c0* | tar xf - && python3 -m pip install -q --no-index --no-deps --no-compile \
       --target /tmp/site /tmp/wc/*.whl) || return 1
@@ -168,19 +174,20 @@ pack() {
   ls -la "$OUT"
 }
 
-[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
 if [ "$1" = wheels ]; then phase_wheels "$2"; exit $?; fi
 phases=("$@")
 for p in "${phases[@]}"; do
   case $p in
     setup) phase_setup || { echo "setup failed"; status=1; break; } ;;
+    setup-lite) phase_setup lite || { echo "setup failed"; status=1; break; } ;;
     demo-bg) (status=0; phase_demo; echo "$status" > "$LOGS/demo.status") & ;;  # correctness-only phases
                                                   # may share the machine with it; timed ones may not
     bench=*) phase_bench "${p#bench=}" ;;
     packed=*) phase_packed "${p#packed=}" ;;
     variant=*) phase_variant "${p#variant=}" ;;
     tests|parity|bench|packed|kernels|data|demo) "phase_$p" ;;
-    *) echo "unknown phase '$p' (setup tests parity bench bench=P1,P2 packed packed=P1,P2 variant=P:k=v,k=v kernels data demo demo-bg)"; status=2 ;;
+    *) echo "unknown phase '$p' (setup setup-lite tests parity bench bench=P1,P2 packed packed=P1,P2 variant=P:k=v,k=v kernels data demo demo-bg)"; status=2 ;;
   esac
 done
 wait  # a background demo
