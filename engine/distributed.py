@@ -79,6 +79,16 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
+def shutdown() -> None:
+    """End a multi-process run cleanly: every rank waits for the others, then tears the process
+    group down. Exiting with the group alive lets the interpreter destroy gloo/NCCL threads that
+    are still joinable, which can abort a finished run at exit ("terminate called without an
+    active exception", a non-zero exit code after a complete run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

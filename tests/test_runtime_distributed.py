@@ -268,6 +268,15 @@ def job_time_limit(rank, folder):
     summary = trainer.fit()
     out["fit"] = {"steps": summary["steps"], "fitted_epochs": summary["schedule_fit"]["fitted_epochs"],
                   "stopped_early": summary["stopped_early"]}
+
+    # `flashdino train` ends a multi-process run by tearing the process group down (a live group at
+    # interpreter exit can abort a finished run).
+    from flashdino.engine.cli import main as cli_main
+
+    out["cli_exit"] = cli_main(["train", "--preset", "simdino_vits16", "--output-dir", os.path.join(folder, "cli"), *TINY,
+                                "data.batch_size=4", "runtime.distributed=ddp", "train.precision=fp32",
+                                "train.max_steps=2", "train.resume=false"])
+    out["group_alive_after_cli"] = dist.is_initialized()
     return out
 
 
@@ -402,3 +411,4 @@ def test_max_minutes_stops_every_rank_at_the_same_step(tmp_path):
     assert [r["steps"] for r in ranks] == [2, 2]  # the first log step, on rank 0's clock
     assert all(r["stopped_early"].startswith("train.max_minutes=1e-09 reached at step 2") for r in ranks)
     assert [r["fit"] for r in ranks] == [{"steps": 28, "fitted_epochs": 7, "stopped_early": None}] * 2
+    assert [(r["cli_exit"], r["group_alive_after_cli"]) for r in ranks] == [(0, False)] * 2

@@ -46,7 +46,10 @@ def main(args) -> int:
     from flashdino.engine.trainer import Trainer
     from flashdino.engine.run_hooks import default_callbacks
 
+    from flashdino.engine.distributed import shutdown
+
     trainer = Trainer(cfg, callbacks=default_callbacks(cfg))
     summary = trainer.fit()
     print(json.dumps({k: v for k, v in summary.items() if k != "last_metrics"}, indent=None), file=sys.stderr)
+    shutdown()  # a finished multi-process run leaves no live process group to the interpreter's exit
     return 0
