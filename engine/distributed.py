@@ -51,6 +51,15 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+def rank0_values(*values: float, device=None) -> list:
+    """Rank 0's `values` on every rank (decisions taken from one clock); unchanged in one process."""
+    if get_world_size() == 1:  # also a one-rank group (DeepSpeed makes one): no collective, no sync
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
 def all_reduce_sum_differentiable(tensor: torch.Tensor) -> torch.Tensor:
     """Differentiable SUM across ranks; identity in a single process."""
     if not is_distributed():

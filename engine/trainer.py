@@ -24,7 +24,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, to_dict
-from .distributed import barrier, get_rank, get_world_size, init_from_env, is_distributed, is_main_process
+from .distributed import (barrier, get_rank, get_world_size, init_from_env, is_distributed, is_main_process,
+                          rank0_values)
 from .finite_guard import FiniteGuard
 from .meta_arch import SSLMetaArch
 from .metrics import MetricsLogger
@@ -60,7 +61,6 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     images_seen: int = 0
     skipped_files: List[str] = field(default_factory=list)
-    fitted_epochs: int = 0  # train.fit_to_time's shortened schedule (0: the configured one)
 
 
 def dali_device_id(device: torch.device) -> Optional[int]:
@@ -120,8 +120,8 @@ class Trainer:
         self.schedule_fit: Optional[Dict[str, Any]] = None
         if cfg.train.resume:
             self._maybe_resume()
-        if self.state.fitted_epochs:  # a resumed run continues the schedule it was fitted to
-            self._set_epochs(self.state.fitted_epochs)
+        if self.schedule_fit is not None:  # a resumed run continues the schedule it was fitted to
+            self._set_epochs(self.schedule_fit["fitted_epochs"])
         self._set_total_steps()
         self.logger = MetricsLogger(
             self.output_dir, self.total_steps, self.state.step, cfg.log.jsonl, cfg.log.tensorboard,
@@ -131,6 +131,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up helpers
     # ------------------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        if is_main_process():
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as fh:
+                fh.write(dump_yaml(self.cfg))
+
     def _set_total_steps(self) -> None:
         self.total_steps = self.schedules.total_iters
         if self.cfg.train.max_steps:
@@ -332,10 +338,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         cfg, st = self.cfg, self.state
-        if is_main_process():
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "config.yaml"), "w") as fh:
-                fh.write(dump_yaml(cfg))
+        self._write_config()
         n = self.schedules.iters_per_epoch
         log_every = max(1, cfg.train.log_every)
         window_start, window_images = time.perf_counter(), 0
@@ -375,7 +378,7 @@ class Trainer:
                         # This process's first log window holds the compile warm-up (and a resume's
                         # loader start); the speed is measured from its end over whole windows
                         # spanning a tenth of the budget, so that one slow window cannot decide.
-                        if cfg.train.fit_to_time and not st.fitted_epochs:
+                        if cfg.train.fit_to_time and self.schedule_fit is None:
                             if measure_from is None:
                                 measure_from = (time.perf_counter(), st.step)
                             else:
@@ -431,11 +434,7 @@ class Trainer:
         span = time.perf_counter() - measure_from[0]
         steps = self.state.step - measure_from[1]
         due = span >= time_budget.MEASURE_FRACTION * 60.0 * self.cfg.train.max_minutes and steps > 0
-        seconds_per_step = span / steps if steps > 0 else 0.0
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            decided = torch.tensor([float(due), seconds_per_step], dtype=torch.float64, device=self.device)
-            torch.distributed.broadcast(decided, src=0)
-            due, seconds_per_step = bool(decided[0]), float(decided[1])
+        due, seconds_per_step = rank0_values(due, span / steps if steps > 0 else 0.0, device=self.device)
         return seconds_per_step if due else None
 
     def _fit_schedule_to_time(self, t_start: float, seconds_per_step: float) -> None:
@@ -448,23 +447,18 @@ class Trainer:
                 planned_epochs=planned, warmup_epochs=cfg.optim.warmup_epochs,
                 iters_per_epoch=self.schedules.iters_per_epoch, step=st.step, elapsed_s=time.perf_counter() - t_start,
                 seconds_per_step=max(seconds_per_step, 1e-9), budget_s=60.0 * cfg.train.max_minutes)
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            decided = torch.tensor([float(epochs)], dtype=torch.float64, device=self.device)
-            torch.distributed.broadcast(decided, src=0)  # rank 0's clock also decides the elapsed time
-            epochs = int(decided[0])
+        (epochs,) = rank0_values(epochs, device=self.device)  # rank 0's clock also decides the elapsed time
+        epochs = int(epochs)
         fit: Dict[str, Any] = {"planned_epochs": planned, "fitted_epochs": epochs, "at_step": st.step,
                                "seconds_per_step": seconds_per_step, "max_change_of_past_values": {}}
-        st.fitted_epochs = epochs  # decided once per run, also when nothing changes
         if epochs < planned:
             old = self.schedules
             self._set_epochs(epochs)
             fit["max_change_of_past_values"] = time_budget.past_value_drift(old, self.schedules, st.step)
             self._set_total_steps()
             self.logger.set_total(self.total_steps)
-            if is_main_process():  # the run's recorded config is the schedule it runs
-                with open(os.path.join(self.output_dir, "config.yaml"), "w") as fh:
-                    fh.write(dump_yaml(cfg))
-        self.schedule_fit = fit
+            self._write_config()  # the run's recorded config is the schedule it runs
+        self.schedule_fit = fit  # decided once per run, also when nothing changes
         self.logger.write(f"[flashdino] fit_to_time: {seconds_per_step * 1e3:.1f} ms/step at step {st.step}; "
                           + (f"schedule shortened from {planned} to {epochs} epochs ({self.total_steps} steps) to fit "
                              f"train.max_minutes={cfg.train.max_minutes:g}" if epochs < planned
@@ -475,12 +469,8 @@ class Trainer:
         limit = self.cfg.train.max_minutes
         if not limit:
             return False
-        up = time.perf_counter() - t_start > 60.0 * limit
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            flag = torch.tensor(float(up), device=self.device)
-            torch.distributed.broadcast(flag, src=0)
-            up = bool(flag)
-        return up
+        (up,) = rank0_values(time.perf_counter() - t_start > 60.0 * limit, device=self.device)
+        return bool(up)
 
     def _count_skipped(self, batch: Dict[str, Any]) -> None:
         for path in batch.get("skipped") or []:
