@@ -168,8 +168,6 @@ def run_bench(engine_cfg, *, data: str = "synthetic", steps: int = 20, warmup: i
     in the same run from the same initial weights and batches, and ``variant_vs_engine`` is the
     ratio of its images/s to the engine's (e.g. ``runtime.multicrop=packed``: does packing pay?)."""
     sides = list(sides)
-    if variant:
-        variant_config(engine_cfg, variant)  # refuse a bad variant before anything is measured
     bad = [s for s in sides if s not in SIDES]
     if bad or not sides:
         raise ValueError(f"bench: sides must be a non-empty subset of {list(SIDES)}, got {sides}")
@@ -178,7 +176,9 @@ def run_bench(engine_cfg, *, data: str = "synthetic", steps: int = 20, warmup: i
                          f"(got steps={steps}, warmup={warmup}, phase_steps={phase_steps}, pool={pool})")
     cfg_e = harness.harness_config(engine_cfg, data)
     cfg_r, missing_keys = harness.reference_config(cfg_e)
-    cfg_v = variant_config(cfg_e, variant) if variant else None  # from cfg_e: the same scratch folders
+    # Built from cfg_e (the same scratch folders), and before anything is measured: a bad variant
+    # costs nothing.
+    cfg_v = variant_config(cfg_e, variant) if variant else None
     seed = cfg_e.train.seed
 
     # The reference first: its initial weights are the ones both sides start from. After it is

@@ -24,6 +24,17 @@ def _copy_of_the_repo(tmp_path):
     return root
 
 
+def _run_spent(tmp_path, *phases):
+    """The script in a copy of the repo with a call deadline already spent: (result, $OUT folder)."""
+    root = _copy_of_the_repo(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, GPU_SESSION_SECONDS="20", OUT=str(out))
+    done = subprocess.run(["bash", "scripts/gpu_session.sh", *phases], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60)
+    return done, out
+
+
 def test_usage_without_phases(tmp_path):
     root = _copy_of_the_repo(tmp_path)
     done = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=root, capture_output=True, text=True)
@@ -31,12 +42,7 @@ def test_usage_without_phases(tmp_path):
 
 
 def test_a_spent_deadline_skips_phases_and_still_packs_the_results(tmp_path):
-    root = _copy_of_the_repo(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, GPU_SESSION_SECONDS="20", OUT=str(out))
-    done = subprocess.run(["bash", "scripts/gpu_session.sh", "tests", "kernels"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done, out = _run_spent(tmp_path, "tests", "kernels")
     assert done.returncode == 1, done.stdout + done.stderr  # skipped phases count as failures
     assert "=== tests: skipped, the call's time is used up" in done.stdout
     assert "=== kernels: skipped" in done.stdout
@@ -48,20 +54,13 @@ def test_a_spent_deadline_skips_phases_and_still_packs_the_results(tmp_path):
 
 
 def test_unknown_phase_is_named(tmp_path):
-    root = _copy_of_the_repo(tmp_path)
-    done = subprocess.run(["bash", "scripts/gpu_session.sh", "benchmark"], cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, GPU_SESSION_SECONDS="20"), timeout=60)
+    done, _ = _run_spent(tmp_path, "benchmark")
     assert done.returncode == 2 and "unknown phase 'benchmark'" in done.stdout
 
 
 def test_the_variant_phases_run_per_preset_and_respect_the_deadline(tmp_path):
-    root = _copy_of_the_repo(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, GPU_SESSION_SECONDS="20", OUT=str(out))
-    done = subprocess.run(["bash", "scripts/gpu_session.sh", "packed=simdino_vitb16,simdino_vits16",
-                           "variant=simdino_vitb16:runtime.compile=full,runtime.cuda_graphs=true"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done, out = _run_spent(tmp_path, "packed=simdino_vitb16,simdino_vits16",
+                           "variant=simdino_vitb16:runtime.compile=full,runtime.cuda_graphs=true")
     assert done.returncode == 1, done.stdout + done.stderr
     for name in ("simdino_vitb16_runtime.multicrop=packed", "simdino_vits16_runtime.multicrop=packed",
                  "simdino_vitb16_runtime.compile=full_runtime.cuda_graphs=true"):
@@ -70,7 +69,5 @@ def test_the_variant_phases_run_per_preset_and_respect_the_deadline(tmp_path):
 
 
 def test_a_malformed_variant_is_named(tmp_path):
-    root = _copy_of_the_repo(tmp_path)
-    done = subprocess.run(["bash", "scripts/gpu_session.sh", "variant=simdino_vitb16"], cwd=root, capture_output=True,
-                          text=True, env=dict(os.environ, GPU_SESSION_SECONDS="20"), timeout=60)
+    done, _ = _run_spent(tmp_path, "variant=simdino_vitb16")
     assert done.returncode == 2 and "expected PRESET:key=value" in done.stdout

@@ -54,6 +54,12 @@ def run_steps(trainer, data, strict_after_first=True):
     return losses
 
 
+def assert_same_losses(ref, got):
+    for a, b in zip(ref, got):
+        for name in a:
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+
+
 def test_block_compile_captures_each_block_variant_once_without_breaks(tmp_path):
     # SimDINOv2: uniform batch-subset drop path, so every student block is the same graph.
     trainer = make_trainer(tmp_path, "simdinov2_vitb16", "runtime.compile=block")
@@ -82,9 +88,7 @@ def test_block_compile_of_packed_multicrop_is_one_student_graph_matching_eager(t
     report = packed.compile_report
     assert report.graph_breaks == 0 and report.graphs == 2, report.summary()
     assert packed.recompiles_after_warmup == 0
-    for a, b in zip(ref, got):
-        for name in a:
-            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+    assert_same_losses(ref, got)
 
 
 def test_block_compile_of_linearly_rising_drop_path_is_one_graph_per_shape(tmp_path):
@@ -108,9 +112,7 @@ def test_full_compile_is_one_graph_matching_the_eager_step(tmp_path):
     report = compiled.compile_report
     assert report.graph_breaks == 0 and report.graphs == 1, report.summary()
     assert compiled.recompiles_after_warmup == 0
-    for a, b in zip(ref, got):
-        for name in a:
-            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+    assert_same_losses(ref, got)
     for (name, p), q in zip(eager.model.student.named_parameters(), compiled.model.student.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
 
