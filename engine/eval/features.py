@@ -149,6 +149,15 @@ def cls_features(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tenso
     return backbone.forward_features(images)["cls"]
 
 
+def compute_features(feature_fn: FeatureFn, backbone: torch.nn.Module, images: torch.Tensor,
+                     amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """`feature_fn` on `images`, under autocast to `amp_dtype` when one is given, as float32."""
+    if amp_dtype is None:
+        return feature_fn(backbone, images).float()
+    with torch.autocast(images.device.type, dtype=amp_dtype):
+        return feature_fn(backbone, images).float()
+
+
 def multi_block_features(n_last_blocks: int, avgpool: bool) -> FeatureFn:
     """CLS tokens of the last `n_last_blocks` blocks (each through the final LayerNorm), in block
     order, followed with `avgpool` by the mean of the last block's normed patch tokens (registers
@@ -230,12 +239,7 @@ def extract_features(
         try:
             for images, batch_labels, ok in iterate_batches(reader, transform, batch_size, num_workers, indices):
                 images = images.to(device, non_blocking=True)
-                if amp_dtype is not None:
-                    with torch.autocast(device.type, dtype=amp_dtype):
-                        feats = feature_fn(backbone, images)
-                else:
-                    feats = feature_fn(backbone, images)
-                feats = feats.float()
+                feats = compute_features(feature_fn, backbone, images, amp_dtype)
                 if normalize:
                     feats = torch.nn.functional.normalize(feats, dim=-1)
                 if buffer is None:

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import prepared_for_eval
-from .features import EvalImages
+from .features import EvalImages, compute_features
 
 # DINOv2's learning-rate sweep (spec 5.4); each is multiplied by batch_size / 256.
 V2_LRS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -299,12 +299,8 @@ def augmented_batches(backbone: nn.Module, reader, transform: ProbeTrainTransfor
                     continue
             with torch.no_grad(), prepared_for_eval(backbone, amp_dtype):
                 images = images.to(device, non_blocking=True)
-                if amp_dtype is not None:
-                    with torch.autocast(device.type, dtype=amp_dtype):
-                        feats = feature_fn(backbone, images)
-                else:
-                    feats = feature_fn(backbone, images)
-            yield feats.float(), labels.long()
+                feats = compute_features(feature_fn, backbone, images, amp_dtype)
+            yield feats, labels.long()
 
     epoch_batches.state = state  # type: ignore[attr-defined]
     return epoch_batches
