@@ -35,6 +35,7 @@ from flashdino.engine.checkpoint import step_checkpoints
 from flashdino.engine.ema import ZeroFragmentEMA, ZeroPartitionEMA
 from flashdino.engine.optim import build_optimizer, build_param_groups
 
+from .build_locks import warn_stale_build_locks
 from .ddp import DistributedConfigError
 
 SHARD_DIR = "deepspeed"
@@ -217,6 +218,8 @@ class DeepSpeedRuntime:
         self.param_groups = build_param_groups(cfg, student["backbone"], student["head"])
         self.optimizer = build_optimizer(cfg, self.param_groups)  # receives the schedule every step
         buffers = {name: b.dtype for name, b in model.named_buffers()}
+        if dist.get_rank() == 0:  # DeepSpeed may JIT-build an op now; a stale lock would hang it
+            warn_stale_build_locks()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, world_size, device),
             dist_init_required=False,

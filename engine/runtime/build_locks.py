@@ -1,0 +1,59 @@
+"""Stale lock files of torch's C++-extension builds, named before DeepSpeed starts.
+
+On a CPU (gloo) run DeepSpeed JIT-builds its shared-memory communication op through
+``torch.utils.cpp_extension``, which holds ``<build dir>/<extension>/lock`` while it compiles. A
+process killed during that build leaves the lock behind, and every later build of the extension
+(each torch upgrade needs one) then waits on it forever, without a word. We cannot tell a dead
+builder's lock from a live one's, so an old lock is named, not removed.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from typing import List, Optional
+
+STALE_AFTER_S = 600.0  # a build of DeepSpeed's CPU op takes about a minute on 2 cores
+_reported: set = set()  # once per lock and process: a run may build several DeepSpeed engines
+
+
+def extension_build_root() -> str:
+    """Where torch builds C++ extensions: ``TORCH_EXTENSIONS_DIR``, else its default cache folder."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def stale_build_locks(root: Optional[str] = None, now: Optional[float] = None,
+                      stale_after_s: float = STALE_AFTER_S) -> List[str]:
+    """Lock files under the build root (``<root>/<python_cuda>/<ext>/lock``, or ``<root>/<ext>/lock``
+    with ``TORCH_EXTENSIONS_DIR``) older than `stale_after_s`."""
+    root = root or extension_build_root()
+    now = time.time() if now is None else now
+    locks = glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
+    stale = []
+    for path in locks:
+        try:
+            if now - os.path.getmtime(path) > stale_after_s:
+                stale.append(path)
+        except FileNotFoundError:  # a live build released it meanwhile
+            continue
+    return sorted(stale)
+
+
+def warn_stale_build_locks(root: Optional[str] = None, now: Optional[float] = None) -> List[str]:
+    """Print one warning per stale lock not yet reported by this process (with how to clear it);
+    returns the paths of all stale locks."""
+    now = time.time() if now is None else now
+    stale = stale_build_locks(root, now)
+    for path in stale:
+        if path in _reported:
+            continue
+        _reported.add(path)
+        age_min = (now - os.path.getmtime(path)) / 60
+        print(f"[flashdino] warning: {path} is {age_min:.0f} minutes old. A C++-extension build that was "
+              f"killed leaves this lock behind, and DeepSpeed then waits on it forever when it builds "
+              f"{os.path.basename(os.path.dirname(path))!r}. If no other process is building it, delete "
+              f"the file: rm {path}", file=sys.stderr)
+    return stale
