@@ -2,6 +2,9 @@
 import os
 import time
 
+import pytest
+
+from flashdino.engine.runtime import build_locks
 from flashdino.engine.runtime.build_locks import (
     STALE_AFTER_S,
     extension_build_root,
@@ -27,7 +30,13 @@ def test_only_old_locks_are_stale_in_both_layouts(tmp_path):
     assert stale_build_locks(str(tmp_path), now) == sorted([default_layout, env_layout])
 
 
-def test_warning_names_the_lock_its_extension_and_the_fix(tmp_path, capsys):
+@pytest.fixture
+def blocking_locks(monkeypatch):
+    """torch 2.11's FileBaton semantics, whatever torch runs the tests."""
+    monkeypatch.setattr(build_locks, "lock_files_block_builds", lambda: True)
+
+
+def test_warning_names_the_lock_its_extension_and_the_fix(tmp_path, capsys, blocking_locks):
     now = time.time()
     lock = _lock(tmp_path / "py311_cu130" / "deepspeed_shm_comm" / "lock", 3600, now)
     assert warn_stale_build_locks(str(tmp_path), now) == [lock]
@@ -37,9 +46,26 @@ def test_warning_names_the_lock_its_extension_and_the_fix(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_no_locks_no_warning(tmp_path, capsys):
+def test_no_locks_no_warning(tmp_path, capsys, blocking_locks):
     assert warn_stale_build_locks(str(tmp_path)) == []
     assert capsys.readouterr().err == ""
+
+
+def test_old_lock_files_are_not_reported_where_they_do_not_block(tmp_path, capsys, monkeypatch):
+    # torch 2.14's advisory lock leaves its file behind after every build: that is not a problem.
+    monkeypatch.setattr(build_locks, "lock_files_block_builds", lambda: False)
+    _lock(tmp_path / "py311_cu130" / "deepspeed_shm_comm" / "lock", 3600, time.time())
+    assert warn_stale_build_locks(str(tmp_path)) == []
+    assert capsys.readouterr().err == ""
+
+
+def test_blocking_is_detected_from_the_lock_torch_builds_with():
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    source = inspect.getsource(cpp_extension)
+    assert build_locks.lock_files_block_builds() == ("FileBaton(" in source)
 
 
 def test_build_root_follows_torch_extensions_dir(tmp_path, monkeypatch):

@@ -1,10 +1,13 @@
 """Stale lock files of torch's C++-extension builds, named before DeepSpeed starts.
 
 On a CPU (gloo) run DeepSpeed JIT-builds its shared-memory communication op through
-``torch.utils.cpp_extension``, which holds ``<build dir>/<extension>/lock`` while it compiles. A
-process killed during that build leaves the lock behind, and every later build of the extension
-(each torch upgrade needs one) then waits on it forever, without a word. We cannot tell a dead
-builder's lock from a live one's, so an old lock is named, not removed.
+``torch.utils.cpp_extension``, which holds ``<build dir>/<extension>/lock`` while it compiles. In
+torch 2.11 (the GPU image's) that lock is a ``FileBaton``: the file's existence blocks. A process
+killed during a build leaves the file behind, and every later build of the extension (each torch
+upgrade needs one) then waits on it forever, without a word. Newer torch (2.14 here) holds an OS
+advisory lock on the file instead, which dies with its holder, and leaves the file in place: there
+an old lock file is normal, and nothing is said. We cannot tell a dead builder's lock from a live
+one's, so an old lock is named, not removed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,13 @@ def extension_build_root() -> str:
     from torch.utils.cpp_extension import get_default_build_root
 
     return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def lock_files_block_builds() -> bool:
+    """Whether this torch's extension builds wait while a lock file merely exists (``FileBaton``)."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
 
 
 def stale_build_locks(root: Optional[str] = None, now: Optional[float] = None,
@@ -44,7 +54,9 @@ def stale_build_locks(root: Optional[str] = None, now: Optional[float] = None,
 
 def warn_stale_build_locks(root: Optional[str] = None, now: Optional[float] = None) -> List[str]:
     """Print one warning per stale lock not yet reported by this process (with how to clear it);
-    returns the paths of all stale locks."""
+    returns the paths of all stale locks. Says nothing where lock files do not block builds."""
+    if not lock_files_block_builds():
+        return []
     now = time.time() if now is None else now
     stale = stale_build_locks(root, now)
     for path in stale:
