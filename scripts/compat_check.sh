@@ -23,6 +23,7 @@ grep -v -E '^(torch|torchvision|numpy)==' requirements.txt > "$VENV/requirements
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c 'import torch, triton, torchvision, numpy
 print(f"compat_check: torch {torch.__version__}, triton {triton.__version__}, torchvision {torchvision.__version__}, numpy {numpy.__version__}")'
-# DeepSpeed JIT-builds its CPU communication op per torch version: keep that build apart from .venv's.
+# DeepSpeed JIT-builds its CPU communication op per torch version: keep that build apart from
+# .venv's, whose torch 2.14 leaves a lock file there that torch 2.11 would wait on forever.
 export TORCH_EXTENSIONS_DIR="$PWD/$VENV/torch_extensions"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

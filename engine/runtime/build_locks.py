@@ -2,11 +2,11 @@
 
 On a CPU (gloo) run DeepSpeed JIT-builds its shared-memory communication op through
 ``torch.utils.cpp_extension``, which holds ``<build dir>/<extension>/lock`` while it compiles. In
-torch 2.11 (the GPU image's) that lock is a ``FileBaton``: the file's existence blocks. A process
-killed during a build leaves the file behind, and every later build of the extension (each torch
-upgrade needs one) then waits on it forever, without a word. Newer torch (2.14 here) holds an OS
-advisory lock on the file instead, which dies with its holder, and leaves the file in place: there
-an old lock file is normal, and nothing is said. We cannot tell a dead builder's lock from a live
+torch 2.11 (the GPU image's) that lock is a ``FileBaton``: the file's existence blocks, and every
+build of the extension waits on it forever, without a word, when the file outlived its builder: a
+build that was killed, or a build by torch 2.14 in the same cache folder (2.14 holds an OS advisory
+lock on the file, which dies with its holder, and leaves the file in place after every build; there
+an old lock file is normal, and nothing is said). We cannot tell a dead builder's lock from a live
 one's, so an old lock is named, not removed.
 """
 from __future__ import annotations
@@ -64,8 +64,9 @@ def warn_stale_build_locks(root: Optional[str] = None, now: Optional[float] = No
             continue
         _reported.add(path)
         age_min = (now - os.path.getmtime(path)) / 60
-        print(f"[flashdino] warning: {path} is {age_min:.0f} minutes old. A C++-extension build that was "
-              f"killed leaves this lock behind, and DeepSpeed then waits on it forever when it builds "
+        print(f"[flashdino] warning: {path} is {age_min:.0f} minutes old. A killed C++-extension build, or "
+              f"any build by torch >= 2.14, leaves this lock behind, and this torch then waits on it forever when "
+              f"DeepSpeed builds "
               f"{os.path.basename(os.path.dirname(path))!r}. If no other process is building it, delete "
               f"the file: rm {path}", file=sys.stderr)
     return stale
