@@ -1,18 +1,13 @@
 """A NaN seen by one rank stops every rank at the same check (no rank left hanging in a collective)."""
-import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flashdino.engine.finite_guard import FiniteGuard, NonFiniteLossError
 
+from _ranks import free_port, spawn_ranks
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, results):
@@ -35,7 +30,7 @@ def _worker(rank, port, results):
 
 def test_nan_on_one_rank_stops_all_ranks():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    spawn_ranks(_worker, (free_port(), results), nprocs=2)
     # both ranks stop at the same check, naming step 2; rank 0 says the NaN came from another rank
     assert results[1] == (2, 2, "total_loss")
     assert results[0] == (2, 2, "reported by another rank")

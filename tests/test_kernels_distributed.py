@@ -9,7 +9,8 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from _ranks import spawn_ranks
 
 WORLD = 2
 
@@ -47,7 +48,7 @@ def test_collectives_match_single_process():
     }
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(data, os.path.join(tmp, "inputs.pt"))
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        spawn_ranks(_worker, (os.path.join(tmp, "init"), tmp), nprocs=WORLD)
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
 
     from flashdino.kernels.centering import sinkhorn_knopp_fused

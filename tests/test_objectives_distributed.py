@@ -7,16 +7,16 @@ and rank r receives world_size * dR/dZ_r for its own rows Z_r; DDP's gradient av
 the true gradient of R.
 """
 import os
-import socket
 import sys
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flashdino.engine.objectives import coding_rate, simdino_loss, sinkhorn_knopp, update_center
+
+from _ranks import free_port, spawn_ranks
 
 WORLD = 2
 EPS = 0.1
@@ -31,11 +31,6 @@ CODING_RATE_CASES = {
 # Row counts per rank for the Sinkhorn / center inputs (uneven, and one rank empty).
 ROW_SPLITS = {"uneven": (3, 5), "one_empty": (4, 0)}
 
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_rows(x, rank, splits):
@@ -97,7 +92,7 @@ def run(tmp_path_factory):
         "center": torch.randn(6, generator=g, dtype=torch.float64) * 0.1,
     }
     torch.save(inputs, os.path.join(folder, "inputs.pt"))
-    mp.spawn(_worker, args=(_free_port(), folder), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), folder), nprocs=WORLD)
     outputs = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(WORLD)]
     return inputs, outputs
 

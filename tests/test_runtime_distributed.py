@@ -9,15 +9,15 @@
 * the end-of-run k-NN and attention maps under ZeRO-3 bf16 see the whole fp32 teacher.
 """
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flashdino.engine.config import build_config
+
+from _ranks import free_port, spawn_ranks
 
 WORLD = 2
 TINY = [
@@ -35,11 +35,6 @@ def tiny_config(out, *extra, batch=4):
                         + list(extra))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _entry(rank, port, job, folder, world=WORLD):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -54,7 +49,7 @@ def _entry(rank, port, job, folder, world=WORLD):
 
 
 def run_on_two_ranks(job, folder, world=WORLD):
-    mp.spawn(_entry, args=(_free_port(), job, str(folder), world), nprocs=world, join=True)
+    spawn_ranks(_entry, (free_port(), job, str(folder), world), nprocs=world)
     return [torch.load(os.path.join(folder, f"{job}_rank{r}.pt"), weights_only=False) for r in range(world)]
 
 

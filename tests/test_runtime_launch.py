@@ -3,7 +3,6 @@ one process each meeting at a c10d rendezvous on 127.0.0.1 (the multi-node path)
 launcher. Both train with the real CLI on gloo, write a checkpoint and resume from it."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,8 @@ import pytest
 import torch
 
 from flashdino.engine import checkpoint as ckpt
+
+from _ranks import free_port
 
 TINY = [
     "model.arch=vit_tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
@@ -21,11 +22,6 @@ TINY = [
 ]
 TRAIN = ["-m", "flashdino.engine.cli", "train", "--preset", "simdino_vits16"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check(procs, timeout=300):
@@ -38,7 +34,7 @@ def _check(procs, timeout=300):
 
 
 def _torchrun_two_nodes(out_dir, *overrides):
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
@@ -67,7 +63,7 @@ def test_torchrun_multi_node_rendezvous_trains_and_resumes_with_zero2(tmp_path):
 def test_deepspeed_launcher_trains_with_zero3(tmp_path):
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
     out = tmp_path / "run"
-    cmd = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_port", str(_free_port()), "--module",
+    cmd = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()), "--module",
            *TRAIN[1:], "--output-dir", str(out), *TINY, "runtime.zero_stage=3", "train.precision=fp32",
            "train.max_steps=2"]
     # The launcher starts `python -m ...` with the interpreter first on PATH: make it this one.
