@@ -44,9 +44,8 @@ def main(args) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = config_from_args(args)
     from flashdino.engine.trainer import Trainer
-    from flashdino.engine.run_hooks import default_callbacks
-
     from flashdino.engine.distributed import shutdown
+    from flashdino.engine.run_hooks import default_callbacks
 
     trainer = Trainer(cfg, callbacks=default_callbacks(cfg))
     summary = trainer.fit()

@@ -15,7 +15,7 @@ import glob
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 STALE_AFTER_S = 600.0  # a build of DeepSpeed's CPU op takes about a minute on 2 cores
 _reported: set = set()  # once per lock and process: a run may build several DeepSpeed engines
@@ -35,21 +35,26 @@ def lock_files_block_builds() -> bool:
     return hasattr(cpp_extension, "FileBaton")
 
 
+def _stale_lock_ages(root: Optional[str], now: float, stale_after_s: float) -> Dict[str, float]:
+    """Age in seconds of each lock file under the build root older than `stale_after_s`, by path."""
+    root = root or extension_build_root()
+    locks = glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
+    ages = {}
+    for path in locks:
+        try:
+            age = now - os.path.getmtime(path)
+        except FileNotFoundError:  # a live build released it meanwhile
+            continue
+        if age > stale_after_s:
+            ages[path] = age
+    return dict(sorted(ages.items()))
+
+
 def stale_build_locks(root: Optional[str] = None, now: Optional[float] = None,
                       stale_after_s: float = STALE_AFTER_S) -> List[str]:
     """Lock files under the build root (``<root>/<python_cuda>/<ext>/lock``, or ``<root>/<ext>/lock``
     with ``TORCH_EXTENSIONS_DIR``) older than `stale_after_s`."""
-    root = root or extension_build_root()
-    now = time.time() if now is None else now
-    locks = glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
-    stale = []
-    for path in locks:
-        try:
-            if now - os.path.getmtime(path) > stale_after_s:
-                stale.append(path)
-        except FileNotFoundError:  # a live build released it meanwhile
-            continue
-    return sorted(stale)
+    return list(_stale_lock_ages(root, time.time() if now is None else now, stale_after_s))
 
 
 def warn_stale_build_locks(root: Optional[str] = None, now: Optional[float] = None) -> List[str]:
@@ -57,16 +62,14 @@ def warn_stale_build_locks(root: Optional[str] = None, now: Optional[float] = No
     returns the paths of all stale locks. Says nothing where lock files do not block builds."""
     if not lock_files_block_builds():
         return []
-    now = time.time() if now is None else now
-    stale = stale_build_locks(root, now)
-    for path in stale:
+    ages = _stale_lock_ages(root, time.time() if now is None else now, STALE_AFTER_S)
+    for path, age_s in ages.items():
         if path in _reported:
             continue
         _reported.add(path)
-        age_min = (now - os.path.getmtime(path)) / 60
-        print(f"[flashdino] warning: {path} is {age_min:.0f} minutes old. A killed C++-extension build, or "
+        extension = os.path.basename(os.path.dirname(path))
+        print(f"[flashdino] warning: {path} is {age_s / 60:.0f} minutes old. A killed C++-extension build, or "
               f"any build by torch >= 2.14, leaves this lock behind, and this torch then waits on it forever when "
-              f"DeepSpeed builds "
-              f"{os.path.basename(os.path.dirname(path))!r}. If no other process is building it, delete "
-              f"the file: rm {path}", file=sys.stderr)
-    return stale
+              f"DeepSpeed builds {extension!r}. If no other process is building it, delete the file: rm {path}",
+              file=sys.stderr)
+    return list(ages)
