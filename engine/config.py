@@ -168,6 +168,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (also written at every epoch end)
     keep_checkpoints: int = 1  # extra step-numbered checkpoints kept beside checkpoint.pth
     resume: bool = True  # resume from output_dir/checkpoint.pth when it exists
+    # SIGTERM / SIGINT / SIGUSR1 stop the run at the next step with a checkpoint (engine/stop_signals.py);
+    # false leaves the process's signal handling alone (a host application that handles them itself).
+    handle_signals: bool = True
     deterministic: bool = False
 
 

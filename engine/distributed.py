@@ -60,6 +60,26 @@ def rank0_values(*values: float, device=None) -> list:
     return t.tolist()
 
 
+def host_group():
+    """A gloo group over every rank for small host-side agreements, which then need no device sync:
+    the default group when that is gloo already; None in a single process. Every rank must call it,
+    at the same point (creating a group is collective)."""
+    if not is_distributed():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def max_over_ranks(value: int, group=None) -> int:
+    """The largest of every rank's `value` (an int on the host), on every rank; `value` in one process."""
+    if get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
 def all_reduce_sum_differentiable(tensor: torch.Tensor) -> torch.Tensor:
     """Differentiable SUM across ranks; identity in a single process."""
     if not is_distributed():

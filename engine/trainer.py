@@ -11,9 +11,11 @@ crops, masks), so 3 steps + resume + 3 steps equal 6 steps straight, bit for bit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,8 +26,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, to_dict
-from .distributed import (barrier, get_rank, get_world_size, init_from_env, is_distributed, is_main_process,
-                          rank0_values)
+from .distributed import (barrier, get_rank, get_world_size, host_group, init_from_env, is_distributed,
+                          is_main_process, max_over_ranks, rank0_values)
 from .finite_guard import FiniteGuard
 from .meta_arch import SSLMetaArch
 from .metrics import MetricsLogger
@@ -35,6 +37,7 @@ from .runtime.attention_check import check_model_attention
 from .runtime.compile import CompileMonitor, apply_compile, mark_variable_lengths
 from .runtime.auto import resolve_auto
 from .schedules import build_schedules
+from .stop_signals import StopSignals
 from . import time_budget
 from flashdino.profiling.ranges import phase
 
@@ -78,6 +81,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         init_from_env()
         self.rank, self.world_size = get_rank(), get_world_size()
+        self._host_group = host_group()  # where the ranks agree on a stop signal every step
         self.device = resolve_device(cfg.train.device)
         self.cfg = cfg = resolve_auto(cfg, self.device)
         self._seed_everything(cfg.train.seed + self.rank)
@@ -339,70 +343,19 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         cfg, st = self.cfg, self.state
         self._write_config()
-        n = self.schedules.iters_per_epoch
-        log_every = max(1, cfg.train.log_every)
-        window_start, window_images = time.perf_counter(), 0
-        measure_from: Optional[Tuple[float, int]] = None  # (time, step) where the speed measurement began
-        last: Dict[str, float] = {}
         t_start = time.perf_counter()
-        stopped_early = None
+        signals = StopSignals()
         try:
-            while st.step < self.total_steps and stopped_early is None:
-                self._set_epoch(st.epoch, st.batch_in_epoch)
-                batches = iter(self.loader)
-                while st.step < self.total_steps and st.batch_in_epoch < n:
-                    with phase("data_wait"):
-                        batch = next(batches, None)
-                    if batch is None:
-                        break
-                    self._count_skipped(batch)
-                    losses = self.train_step(batch)
-                    st.step += 1
-                    st.batch_in_epoch += 1
-                    images = batch["global_crops"].shape[0] // 2
-                    st.images_seen += images * self.world_size
-                    window_images += images * self.world_size
-                    self.logger.advance()
-                    if self.device.type == "cpu":
-                        self.guard.check()
-                    if st.step % log_every == 0 or st.step == self.total_steps:
-                        self.guard.check()
-                        elapsed = time.perf_counter() - window_start
-                        last = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
-                        last.update({"epoch": st.epoch, "img/s": window_images / max(elapsed, 1e-9),
-                                     "skipped_images": len(st.skipped_files)})
-                        for cb in self.callbacks:  # callbacks may add metrics (collapse diagnostics)
-                            if hasattr(cb, "on_log"):
-                                cb.on_log(self, st.step, last, losses)
-                        self.logger.log(st.step, last)
-                        # This process's first log window holds the compile warm-up (and a resume's
-                        # loader start); the speed is measured from its end over whole windows
-                        # spanning a tenth of the budget, so that one slow window cannot decide.
-                        if cfg.train.fit_to_time and self.schedule_fit is None:
-                            if measure_from is None:
-                                measure_from = (time.perf_counter(), st.step)
-                            else:
-                                seconds_per_step = self._measured_speed_if_due(measure_from)
-                                if seconds_per_step is not None:
-                                    self._fit_schedule_to_time(t_start, seconds_per_step)
-                        window_start, window_images = time.perf_counter(), 0
-                    # One process decides from its own clock every step; several ranks agree at log
-                    # steps (rank 0's clock), where they synchronize anyway.
-                    if (st.step < self.total_steps and (self.world_size == 1 or st.step % log_every == 0)
-                            and self._time_is_up(t_start)):  # the last step finishes the schedule anyway
-                        stopped_early = (f"train.max_minutes={cfg.train.max_minutes:g} reached at step {st.step} "
-                                         f"of {self.total_steps}")
-                        self.logger.write(f"[flashdino] stopping: {stopped_early}")
-                        break
-                    if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
-                        self.save_checkpoint()
-                if st.batch_in_epoch >= n:
-                    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                    self.save_checkpoint()
-            self.guard.check()
-            self.save_checkpoint()
+            with signals if cfg.train.handle_signals else contextlib.nullcontext(signals):
+                stopped_early, last = self._train_loop(t_start, signals)
+                self.guard.check()
+                self.save_checkpoint()
+                # Once more after the last save, which a signal may have met: the ranks must agree
+                # on whether the end-of-run callbacks (collective under DeepSpeed) run.
+                stop_signal = self._agreed_stop_signal(signals)
         finally:
             self.logger.close()
+        n = self.schedules.iters_per_epoch
         summary = {
             "steps": st.step,
             "epochs": st.epoch + st.batch_in_epoch / n,
@@ -411,6 +364,7 @@ class Trainer:
             "skipped_images": len(st.skipped_files),
             "planned_steps": self.total_steps,
             "stopped_early": stopped_early,
+            "stop_signal": stop_signal,
             "schedule_fit": self.schedule_fit,
             "last_metrics": last,
             "output_dir": self.output_dir,
@@ -423,10 +377,93 @@ class Trainer:
         if st.skipped_files and is_main_process():
             print(f"[flashdino] skipped {len(st.skipped_files)} unreadable image file(s); first: "
                   f"{', '.join(st.skipped_files[:5])}", file=sys.stderr)
+        if stop_signal:
+            # The run is not finished: its end-of-run work (evaluation, plots) belongs to the run that
+            # completes it, and a preempted job has seconds left, not minutes.
+            if is_main_process():
+                how = "run the same command" if cfg.train.resume else "run it again with train.resume=true"
+                print(f"[flashdino] stopped by {stop_signal} at step {st.step} of {self.total_steps}; checkpoint "
+                      f"written in {self.output_dir}; to resume, {how}", file=sys.stderr)
+            return summary
         for cb in self.callbacks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(self, summary)
         return summary
+
+    def _agreed_stop_signal(self, signals: StopSignals) -> Optional[str]:
+        """The stop signal any rank has received, or None; every rank gets the same answer (a host
+        all-reduce, no device sync), so that all stop at the same step."""
+        number = max_over_ranks(signals.number, self._host_group)
+        return signal.Signals(number).name if number else None
+
+    def _train_loop(self, t_start: float, signals: StopSignals) -> Tuple[Optional[str], Dict[str, float]]:
+        """Steps until the schedule ends, train.max_minutes is spent or a stop signal arrives; returns
+        (why it stopped early or None, the last logged metrics)."""
+        cfg, st = self.cfg, self.state
+        n = self.schedules.iters_per_epoch
+        log_every = max(1, cfg.train.log_every)
+        window_start, window_images = time.perf_counter(), 0
+        measure_from: Optional[Tuple[float, int]] = None  # (time, step) where the speed measurement began
+        last: Dict[str, float] = {}
+        stopped_early = None
+        while st.step < self.total_steps and stopped_early is None:
+            self._set_epoch(st.epoch, st.batch_in_epoch)
+            batches = iter(self.loader)
+            while st.step < self.total_steps and st.batch_in_epoch < n:
+                with phase("data_wait"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                self._count_skipped(batch)
+                losses = self.train_step(batch)
+                st.step += 1
+                st.batch_in_epoch += 1
+                images = batch["global_crops"].shape[0] // 2
+                st.images_seen += images * self.world_size
+                window_images += images * self.world_size
+                self.logger.advance()
+                if self.device.type == "cpu":
+                    self.guard.check()
+                if st.step % log_every == 0 or st.step == self.total_steps:
+                    self.guard.check()
+                    elapsed = time.perf_counter() - window_start
+                    last = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
+                    last.update({"epoch": st.epoch, "img/s": window_images / max(elapsed, 1e-9),
+                                 "skipped_images": len(st.skipped_files)})
+                    for cb in self.callbacks:  # callbacks may add metrics (collapse diagnostics)
+                        if hasattr(cb, "on_log"):
+                            cb.on_log(self, st.step, last, losses)
+                    self.logger.log(st.step, last)
+                    # This process's first log window holds the compile warm-up (and a resume's
+                    # loader start); the speed is measured from its end over whole windows
+                    # spanning a tenth of the budget, so that one slow window cannot decide.
+                    if cfg.train.fit_to_time and self.schedule_fit is None:
+                        if measure_from is None:
+                            measure_from = (time.perf_counter(), st.step)
+                        else:
+                            seconds_per_step = self._measured_speed_if_due(measure_from)
+                            if seconds_per_step is not None:
+                                self._fit_schedule_to_time(t_start, seconds_per_step)
+                    window_start, window_images = time.perf_counter(), 0
+                signal_name = self._agreed_stop_signal(signals)
+                if signal_name and st.step < self.total_steps:  # the last step finishes the schedule anyway
+                    stopped_early = f"{signal_name} received; stopped at step {st.step} of {self.total_steps}"
+                    self.logger.write(f"[flashdino] stopping: {stopped_early}")
+                    break
+                # One process decides from its own clock every step; several ranks agree at log
+                # steps (rank 0's clock), where they synchronize anyway.
+                if (st.step < self.total_steps and (self.world_size == 1 or st.step % log_every == 0)
+                        and self._time_is_up(t_start)):  # the last step finishes the schedule anyway
+                    stopped_early = (f"train.max_minutes={cfg.train.max_minutes:g} reached at step {st.step} "
+                                     f"of {self.total_steps}")
+                    self.logger.write(f"[flashdino] stopping: {stopped_early}")
+                    break
+                if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if st.batch_in_epoch >= n:
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                self.save_checkpoint()
+        return stopped_early, last
 
     def _measured_speed_if_due(self, measure_from: Tuple[float, int]) -> Optional[float]:
         """Seconds per step since `measure_from` once that span covers a tenth of train.max_minutes,

@@ -19,6 +19,7 @@ import torch
 from .augment import MultiCropAugmentation
 from .datasets import CorruptImageError, build_dataset
 from .masking import BatchMasking, mask_indices_and_weights
+from .worker_signals import ignore_stop_signals
 
 # Stream tags keep the RNG streams of different purposes apart even with equal numeric keys.
 _SAMPLE_STREAM = 0
@@ -303,6 +304,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, 
         batch_sampler=KeyedBatchSampler(sampler),
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
+        worker_init_fn=ignore_stop_signals,  # a Ctrl-C stops the trainer, which then stops its workers
         pin_memory=torch.cuda.is_available(),
         # Workers live across epochs (not re-forked 30 times in a 30-epoch run): every sample's key
         # carries its epoch (KeyedBatchSampler), so a worker's copy of the dataset is never stale.

@@ -6,7 +6,8 @@
 * checkpoints save and resume bit-exactly under DDP and each ZeRO stage;
 * reduce_cov: 2 ranks at batch B equal one process at batch 2B (loss, gradients, weights);
 * virtual ranks: one process at batch 2B with virtual_ranks=2 equals 2 ranks at batch B;
-* the end-of-run k-NN and attention maps under ZeRO-3 bf16 see the whole fp32 teacher.
+* the end-of-run k-NN and attention maps under ZeRO-3 bf16 see the whole fp32 teacher;
+* a time limit or a stop signal seen by one rank stops every rank at the same step.
 """
 import os
 import sys
@@ -275,7 +276,39 @@ def job_time_limit(rank, folder):
     return out
 
 
-JOBS = {"eval_at_end": job_eval_at_end, "time_limit": job_time_limit, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
+class _SignalOnRank1:
+    """Rank 1 alone sends itself SIGUSR1 from the log callback of `step` (a preemption notice that
+    reached one node first)."""
+
+    def __init__(self, step):
+        self.step, self.ended = step, False
+
+    def on_log(self, trainer, step, metrics, losses):
+        import signal
+
+        if trainer.rank == 1 and step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_train_end(self, trainer, summary):
+        self.ended = True
+
+
+def job_stop_signal(rank, folder):
+    """A stop signal on one rank: every rank must stop at the same step, or the next collective
+    (and the collective checkpoint under ZeRO-3) would hang; under DDP and DeepSpeed ZeRO-3."""
+    from flashdino.engine.trainer import Trainer
+
+    out = {}
+    for name, extra in (("ddp", ["runtime.distributed=ddp"]),
+                        ("zero3", ["runtime.distributed=deepspeed", "runtime.zero_stage=3"])):
+        hook = _SignalOnRank1(step=2)
+        cfg = tiny_config(os.path.join(folder, name), *extra, "train.precision=fp32", "train.resume=false")
+        summary = Trainer(cfg, callbacks=[hook]).fit()
+        out[name] = {"steps": summary["steps"], "stop_signal": summary["stop_signal"], "ended": hook.ended}
+    return out
+
+
+JOBS = {"eval_at_end": job_eval_at_end, "stop_signal": job_stop_signal, "time_limit": job_time_limit, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
         "single_process_zero": job_single_process_zero}
 
 
@@ -407,3 +440,13 @@ def test_max_minutes_stops_every_rank_at_the_same_step(tmp_path):
     assert all(r["stopped_early"].startswith("train.max_minutes=1e-09 reached at step 2") for r in ranks)
     assert [r["fit"] for r in ranks] == [{"steps": 28, "fitted_epochs": 7, "stopped_early": None}] * 2
     assert [(r["cli_exit"], r["group_alive_after_cli"]) for r in ranks] == [(0, False)] * 2
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    from flashdino.engine import checkpoint as ckpt
+
+    ranks = run_on_two_ranks("stop_signal", tmp_path)
+    for name in ("ddp", "zero3"):
+        assert [r[name] for r in ranks] == [{"steps": 2, "stop_signal": "SIGUSR1", "ended": False}] * 2, name
+        state = ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path / name)), map_location="cpu")
+        assert state["train_state"]["step"] == 2, name

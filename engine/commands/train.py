@@ -51,4 +51,8 @@ def main(args) -> int:
     summary = trainer.fit()
     print(json.dumps({k: v for k, v in summary.items() if k != "last_metrics"}, indent=None), file=sys.stderr)
     shutdown()  # a finished multi-process run leaves no live process group to the interpreter's exit
+    if summary["stop_signal"]:  # checkpointed, not finished: the shell's status for death by that signal
+        from flashdino.engine.stop_signals import exit_code
+
+        return exit_code(summary["stop_signal"])
     return 0

@@ -13,11 +13,29 @@ not depend on DALI's thread count or scheduling.
 """
 from __future__ import annotations
 
+import pickle
 from typing import Optional, Sequence, Tuple
 
+from ..worker_signals import ignore_stop_signals
 from .source import OUTPUT_NAMES, MultiCropSource
 
 OUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class WorkerPickler:
+    """DALI's ``py_callback_pickler`` for spawned workers: plain pickle (the source is a plain
+    picklable object), and, in each worker as it unpickles its callback at start, the stop signals
+    left to the main process (``pipelines/worker_signals.py``). DALI offers no other hook that
+    runs in its workers."""
+
+    @staticmethod
+    def dumps(obj, protocol=None, **kwargs) -> bytes:
+        return pickle.dumps(obj, protocol, **kwargs)
+
+    @staticmethod
+    def loads(data: bytes, **kwargs):
+        ignore_stop_signals()
+        return pickle.loads(data, **kwargs)  # nosec B301: our own source object, from our own process
 
 
 def _builtin_chain(crop, color, order, flags, sigma, v, mean, std, out_dtype, on_gpu):
@@ -87,6 +105,8 @@ def build_pipeline(
     )
     if py_workers > 0:
         kwargs.update(py_num_workers=py_workers, py_start_method=py_start_method)
+        if py_start_method == "spawn":  # forked workers share the source and take no pickler
+            kwargs.update(py_callback_pickler=WorkerPickler)
     pipe = Pipeline(**kwargs)
     with pipe:
         layouts = ["HWC" if not source.encoded else None] + [None] * (len(OUTPUT_NAMES) - 1)
