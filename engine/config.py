@@ -199,6 +199,10 @@ class RuntimeConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     distributed: str = field(default="auto", metadata={"choices": ("auto", "none", "ddp", "deepspeed")})
     zero_stage: int = field(default=0, metadata={"choices": (0, 1, 2, 3)})
+    # Student blocks, from the first, whose activations are recomputed in the backward instead of
+    # kept (torch.utils.checkpoint, non-reentrant): less activation memory, for a larger batch or
+    # model, at about a third more compute in those blocks. 0: none; the model's depth: all.
+    activation_checkpointing: int = 0
 
 
 @dataclass
@@ -472,6 +476,9 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= m.drop_path_rate < 1.0:
         raise ConfigError(f"config key 'model.drop_path_rate' must be in [0, 1), got {m.drop_path_rate}")
+    if cfg.runtime.activation_checkpointing < 0:  # its upper bound, the depth, is checked with the model
+        raise ConfigError(f"config key 'runtime.activation_checkpointing' must be >= 0 (blocks), "
+                          f"got {cfg.runtime.activation_checkpointing}")
 
 
 def valid_keys() -> List[str]:

@@ -7,13 +7,13 @@ whether patch tokens enter (v2 methods) and the loss functions.
 """
 from __future__ import annotations
 
-import copy
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from . import objectives as O
+from .config import ConfigError
 from .distributed import all_reduce_sum_, get_world_size
 from .models import build_backbone, build_head
 from flashdino.profiling.ranges import phase
@@ -29,6 +29,10 @@ class SSLMetaArch(nn.Module):
         self.method = cfg.objective.method
         attention = cfg.runtime.attention
         student_backbone = build_backbone(cfg.model, attention=attention)
+        if cfg.runtime.activation_checkpointing > len(student_backbone.blocks):
+            raise ConfigError(f"runtime.activation_checkpointing={cfg.runtime.activation_checkpointing} blocks, but "
+                              f"the student has {len(student_backbone.blocks)} (model.arch={cfg.model.arch})")
+        student_backbone.set_activation_checkpointing(cfg.runtime.activation_checkpointing)
         embed_dim = student_backbone.embed_dim
         self.student = nn.ModuleDict({"backbone": student_backbone, "head": build_head(cfg.head, embed_dim, self.method)})
         teacher_backbone = build_backbone(cfg.model, teacher=True, attention=attention)

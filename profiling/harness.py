@@ -40,6 +40,7 @@ REFERENCE_SETTINGS: Dict[str, Any] = {
     "runtime.kernels.optimizer": "torch",
     "runtime.zero_stage": 0,
     "runtime.multicrop": "grouped",  # one backbone call per crop group, the plain way
+    "runtime.activation_checkpointing": 0,  # activations kept, not recomputed
 }
 REQUIRED_REFERENCE_KEYS = ("runtime.compile", "runtime.kernels.ema", "runtime.kernels.centering",
                            "runtime.kernels.coding_rate", "runtime.attention", "runtime.distributed")

@@ -308,7 +308,19 @@ def job_stop_signal(rank, folder):
     return out
 
 
-JOBS = {"eval_at_end": job_eval_at_end, "stop_signal": job_stop_signal, "time_limit": job_time_limit, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
+def job_activation_checkpointing(rank, folder):
+    """ZeRO-3 gathers each block's shards in a forward hook; the backward's recomputation of a
+    checkpointed block must gather them again and give the plain run's weights."""
+    out = {}
+    common = ("runtime.distributed=deepspeed", "runtime.zero_stage=3", "train.precision=fp32", "model.drop_path_rate=0.2")
+    for name, extra in (("plain", ()), ("checkpointed", ("runtime.activation_checkpointing=2",))):
+        trainer = _fit(os.path.join(folder, name), 3, *common, *extra)
+        out[name] = {"student": _full_student(trainer), "teacher": _full_teacher(trainer)}
+    return out
+
+
+JOBS = {"activation_checkpointing": job_activation_checkpointing, "eval_at_end": job_eval_at_end,
+        "stop_signal": job_stop_signal, "time_limit": job_time_limit, "zero_ema": job_zero_ema, "resume": job_resume, "global_batch": job_global_batch,
         "single_process_zero": job_single_process_zero}
 
 
@@ -450,3 +462,12 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
         assert [r[name] for r in ranks] == [{"steps": 2, "stop_signal": "SIGUSR1", "ended": False}] * 2, name
         state = ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path / name)), map_location="cpu")
         assert state["train_state"]["step"] == 2, name
+
+
+def test_activation_checkpointing_under_zero3_equals_the_plain_run(tmp_path):
+    for rank_out in run_on_two_ranks("activation_checkpointing", tmp_path):
+        for part in ("student", "teacher"):
+            plain, checkpointed = rank_out["plain"][part], rank_out["checkpointed"][part]
+            assert plain.keys() == checkpointed.keys()
+            for k in plain:
+                assert torch.equal(plain[k], checkpointed[k]), (part, k)

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import ensure_backend_available
 from .layers import LN_EPS, Block, init_linear_, trunc_normal_init_
@@ -115,6 +116,7 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.checkpoint_blocks = 0  # see set_activation_checkpointing
         self.init_weights()
 
     # ------------------------------------------------------------------ init
@@ -141,6 +143,21 @@ class VisionTransformer(nn.Module):
         ensure_backend_available(name)
         for blk in self.blocks:
             blk.attn.backend = name
+
+    # ------------------------------------------------------------------ activation checkpointing
+    def set_activation_checkpointing(self, n_blocks: int) -> None:
+        """Recompute the activations of the first `n_blocks` blocks in the backward instead of keeping
+        them from the forward (0: none). Only where gradients are recorded; evaluation is unaffected."""
+        if not 0 <= n_blocks <= len(self.blocks):
+            raise ValueError(f"activation checkpointing of {n_blocks} blocks: this ViT has {len(self.blocks)}")
+        self.checkpoint_blocks = int(n_blocks)
+
+    def _run_block(self, index: int, block: Block, *args):
+        if index < self.checkpoint_blocks and torch.is_grad_enabled():
+            # Non-reentrant: traceable by torch.compile, takes lists (packed crops). It restores the
+            # RNG state for the recomputation, so drop path drops the same samples again.
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     # ------------------------------------------------------------------ tokens
     def prepare_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -174,8 +191,8 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """dict(cls=(B, D), patch=(B, P, D), reg=(B, R, D)), all after the final LayerNorm."""
         x = self.prepare_tokens(x, masks)
-        for blk in self.blocks:
-            x = blk(x)
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(i, blk, x)
         return self._split(self.norm(x))
 
     def forward_features_list(
@@ -193,7 +210,7 @@ class VisionTransformer(nn.Module):
         draws = [[blk.draw_stochastic_depth(t.shape[0], t.device) for blk in self.blocks] for t in tokens]
         for i, blk in enumerate(self.blocks):
             block_draws = [d[i] for d in draws]
-            tokens = blk(tokens, None if block_draws[0] is None else block_draws)
+            tokens = self._run_block(i, blk, tokens, None if block_draws[0] is None else block_draws)
         return [self._split(self.norm(t)) for t in tokens]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
