@@ -83,6 +83,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Bad input the user can fix: the message says what and how, a traceback would bury it.
         print(f"flashdino: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one inside it (train aborts)
+        print("flashdino: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

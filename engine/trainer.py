@@ -29,6 +29,7 @@ from .config import Config, ConfigError, dump_yaml, to_dict
 from .distributed import (barrier, get_rank, get_world_size, host_group, init_from_env, is_distributed,
                           is_main_process, max_over_ranks, rank0_values)
 from .finite_guard import FiniteGuard
+from .memory_advice import TrainingOutOfMemoryError, out_of_memory_advice
 from .meta_arch import SSLMetaArch
 from .metrics import MetricsLogger
 from .optim import apply_schedule
@@ -415,7 +416,12 @@ class Trainer:
                 if batch is None:
                     break
                 self._count_skipped(batch)
-                losses = self.train_step(batch)
+                try:
+                    losses = self.train_step(batch)
+                except torch.OutOfMemoryError as exc:
+                    depth = len(self.model.student["backbone"].blocks)
+                    raise TrainingOutOfMemoryError(
+                        out_of_memory_advice(cfg, st.step, self.device, depth, self.world_size)) from exc
                 st.step += 1
                 st.batch_in_epoch += 1
                 images = batch["global_crops"].shape[0] // 2
