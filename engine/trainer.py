@@ -416,12 +416,7 @@ class Trainer:
                 if batch is None:
                     break
                 self._count_skipped(batch)
-                try:
-                    losses = self.train_step(batch)
-                except torch.OutOfMemoryError as exc:
-                    depth = len(self.model.student["backbone"].blocks)
-                    raise TrainingOutOfMemoryError(
-                        out_of_memory_advice(cfg, st.step, self.device, depth, self.world_size)) from exc
+                losses = self._checked_step(batch)
                 st.step += 1
                 st.batch_in_epoch += 1
                 images = batch["global_crops"].shape[0] // 2
@@ -451,17 +446,8 @@ class Trainer:
                             if seconds_per_step is not None:
                                 self._fit_schedule_to_time(t_start, seconds_per_step)
                     window_start, window_images = time.perf_counter(), 0
-                signal_name = self._agreed_stop_signal(signals)
-                if signal_name and st.step < self.total_steps:  # the last step finishes the schedule anyway
-                    stopped_early = f"{signal_name} received; stopped at step {st.step} of {self.total_steps}"
-                    self.logger.write(f"[flashdino] stopping: {stopped_early}")
-                    break
-                # One process decides from its own clock every step; several ranks agree at log
-                # steps (rank 0's clock), where they synchronize anyway.
-                if (st.step < self.total_steps and (self.world_size == 1 or st.step % log_every == 0)
-                        and self._time_is_up(t_start)):  # the last step finishes the schedule anyway
-                    stopped_early = (f"train.max_minutes={cfg.train.max_minutes:g} reached at step {st.step} "
-                                     f"of {self.total_steps}")
+                stopped_early = self._early_stop_reason(t_start, signals, log_every)
+                if stopped_early:
                     self.logger.write(f"[flashdino] stopping: {stopped_early}")
                     break
                 if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
@@ -470,6 +456,30 @@ class Trainer:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 self.save_checkpoint()
         return stopped_early, last
+
+    def _checked_step(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """train_step; running out of device memory becomes an error that says what to change."""
+        try:
+            return self.train_step(batch)
+        except torch.OutOfMemoryError as exc:
+            depth = len(self.model.student["backbone"].blocks)
+            raise TrainingOutOfMemoryError(
+                out_of_memory_advice(self.cfg, self.state.step, self.device, depth, self.world_size)) from exc
+
+    def _early_stop_reason(self, t_start: float, signals: StopSignals, log_every: int) -> Optional[str]:
+        """Why the run stops after this step though its schedule has steps left, or None; every rank
+        gets the same answer."""
+        st, total = self.state, self.total_steps
+        signal_name = self._agreed_stop_signal(signals)  # every step on every rank: it is collective
+        if st.step >= total:  # the last step finishes the schedule anyway
+            return None
+        if signal_name:
+            return f"{signal_name} received; stopped at step {st.step} of {total}"
+        # One process decides from its own clock every step; several ranks agree at log steps
+        # (rank 0's clock), where they synchronize anyway.
+        if (self.world_size == 1 or st.step % log_every == 0) and self._time_is_up(t_start):
+            return f"train.max_minutes={self.cfg.train.max_minutes:g} reached at step {st.step} of {total}"
+        return None
 
     def _measured_speed_if_due(self, measure_from: Tuple[float, int]) -> Optional[float]:
         """Seconds per step since `measure_from` once that span covers a tenth of train.max_minutes,
