@@ -429,6 +429,24 @@ def to_dict(obj) -> Dict[str, Any]:
     return out
 
 
+def flat_dict(tree) -> Dict[str, Any]:
+    """A config, or its :func:`to_dict` form, as {"section.key": value}."""
+    nested = to_dict(tree) if dataclasses.is_dataclass(tree) else tree
+    out: Dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in flat_dict(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def config_differences(a, b) -> Dict[str, List[Any]]:
+    """{key: [value in a, value in b]} for every key whose value differs (configs or their dicts)."""
+    fa, fb = flat_dict(a), flat_dict(b)
+    return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
 def from_dict(values: Dict[str, Any]) -> Config:
     return apply_dict(Config(), values)
 

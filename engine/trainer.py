@@ -31,6 +31,7 @@ from .distributed import (barrier, get_rank, get_world_size, host_group, init_fr
 from .finite_guard import FiniteGuard
 from .memory_advice import TrainingOutOfMemoryError, out_of_memory_advice
 from .meta_arch import SSLMetaArch
+from .resume_check import changed_settings_warning, check_checkpoint_fits
 from .metrics import MetricsLogger
 from .optim import apply_schedule
 from .runtime import build_runtime
@@ -261,10 +262,14 @@ class Trainer:
                 f"checkpoint '{path}' was written by the {saved_runtime} runtime, this run uses {self.runtime.name}; "
                 "the optimizer state is stored differently. Resume with the same runtime.distributed / zero_stage."
             )
+        check_checkpoint_fits(path, state, self.model, to_dict(self.cfg))
         self.load_state_dict(state)
         if is_main_process():
             print(f"[flashdino] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})", file=sys.stderr)
+            warning = changed_settings_warning(state, to_dict(self.cfg))
+            if warning:
+                print(warning, file=sys.stderr)
 
     def save_checkpoint(self) -> Optional[str]:
         """Write checkpoint.pth (rank 0) after every rank wrote its shard files, if the runtime has any.

@@ -25,7 +25,8 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on a CPU-only machine
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from flashdino.engine.config import Config, ConfigError, build_config, set_value, to_dict  # noqa: E402
+from flashdino.engine.config import (Config, ConfigError, build_config, config_differences,  # noqa: E402,F401
+                                     flat_dict, set_value, to_dict)
 
 # What turns a config into the reference eager implementation. Keys missing from this version of
 # the config tree are skipped (and listed in the report), except the required ones.
@@ -119,28 +120,12 @@ def reference_config(cfg: Config) -> Tuple[Config, List[str]]:
     return ref, missing
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def config_differences(a: Config, b: Config) -> Dict[str, List[Any]]:
-    """{key: [value in a, value in b]} for every key whose value differs."""
-    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
-    return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
-
-
 _VOLATILE_KEYS = ("train.output_dir", "train.resume", "data.path", "log.", "eval.")
 
 
 def config_hash(cfg: Config) -> str:
     """A short hash of everything that changes what a step computes (not paths or logging)."""
-    flat = {k: v for k, v in _flatten(to_dict(cfg)).items() if not k.startswith(_VOLATILE_KEYS)}
+    flat = {k: v for k, v in flat_dict(cfg).items() if not k.startswith(_VOLATILE_KEYS)}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
