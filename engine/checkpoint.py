@@ -104,13 +104,17 @@ def save_checkpoint(output_dir: str, state: Dict[str, Any], step: int, keep: int
     writes a new file and renames it over `checkpoint.pth`, so an older numbered link keeps its own
     file and contents."""
     latest = os.path.join(output_dir, LATEST)
-    atomic_save(state, latest)
-    if keep > 0:
-        numbered = os.path.join(output_dir, f"checkpoint_step{step}.pth")
-        if not atomic_link(latest, numbered):
-            atomic_save(state, numbered)
-        for _, path in step_checkpoints(output_dir)[:-keep]:
-            os.unlink(path)
+    try:
+        atomic_save(state, latest)
+        if keep > 0:
+            numbered = os.path.join(output_dir, f"checkpoint_step{step}.pth")
+            if not atomic_link(latest, numbered):
+                atomic_save(state, numbered)
+            for _, path in step_checkpoints(output_dir)[:-keep]:
+                os.unlink(path)
+    except OSError as exc:  # a full disk, a lost mount, no permission: say where, and what is left
+        raise CheckpointError(f"could not write the step-{step} checkpoint in '{output_dir}': {exc}. Whatever "
+                              f"checkpoint was there before is intact; fix the cause and resume.") from exc
     return latest
 
 

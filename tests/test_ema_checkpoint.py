@@ -97,6 +97,24 @@ def test_numbered_checkpoint_is_written_where_hard_links_are_refused(tmp_path, m
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_step10.pth"]  # no temp file left
 
 
+def test_a_full_disk_is_a_checkpoint_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    ckpt.save_checkpoint(str(tmp_path), {"step": 10}, 10, keep=1)
+    real_save = torch.save
+
+    def disk_full(obj, fh, *a, **k):
+        fh.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ckpt.CheckpointError, match="step-20 checkpoint in .*No space left on device.*intact"):
+        ckpt.save_checkpoint(str(tmp_path), {"step": 20}, 20, keep=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_step10.pth"]
+    assert ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path)))["step"] == 10
+
+
 def test_corrupt_checkpoint_error_names_file(tmp_path):
     bad = tmp_path / "checkpoint.pth"
     bad.write_bytes(b"not a checkpoint")
