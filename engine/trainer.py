@@ -8,6 +8,9 @@ Exact resume: everything a step depends on is either saved in the checkpoint (we
 optimizer and scaler state or the DeepSpeed shards it names, DINO centers, every rank's RNG state,
 step, epoch and position in the epoch) or is a pure function of (seed, epoch, index) (data order,
 crops, masks), so 3 steps + resume + 3 steps equal 6 steps straight, bit for bit.
+
+Stopping: at the end of the schedule, at train.max_minutes, or after a stop signal (SIGTERM, SIGINT,
+SIGUSR1; engine/stop_signals.py), always with a checkpoint, on every rank at the same step.
 """
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ from .distributed import (barrier, get_rank, get_world_size, host_group, init_fr
 from .finite_guard import FiniteGuard
 from .memory_advice import TrainingOutOfMemoryError, out_of_memory_advice
 from .meta_arch import SSLMetaArch
-from .resume_check import changed_settings_warning, check_checkpoint_fits
 from .metrics import MetricsLogger
 from .optim import apply_schedule
+from .resume_check import changed_settings_warning, check_checkpoint_fits
 from .runtime import build_runtime
 from .runtime.attention_check import check_model_attention
 from .runtime.compile import CompileMonitor, apply_compile, mark_variable_lengths
