@@ -78,38 +78,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state(device_state.cpu(), index)
 
 
-def atomic_link(src: str, dst: str) -> bool:
-    """Make `dst` a hard link to `src`'s file, atomically (link to a temp name, rename over `dst`);
-    False where the filesystem has no hard links (the caller then writes a copy)."""
-    directory = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(directory, f"{os.path.basename(dst)}.tmp.link{os.getpid()}")
-    try:
-        os.link(src, tmp)
-    except OSError:  # EPERM / ENOTSUP / EXDEV: e.g. some network and FUSE filesystems
-        return False
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-    return True
-
-
 def save_checkpoint(output_dir: str, state: Dict[str, Any], step: int, keep: int = 1) -> str:
     """Write `checkpoint.pth` (the latest) and, with keep > 0, a step-numbered copy; prune old copies.
 
-    The numbered copy is a hard link to the file just written, not a second write of the state: a
-    checkpoint costs one write (what a preempted run has to fit into its grace period). Every save
-    writes a new file and renames it over `checkpoint.pth`, so an older numbered link keeps its own
-    file and contents."""
+    The numbered copy is a file of its own, not a hard link to `checkpoint.pth`: a user rolling back
+    with `cp checkpoint_step<N>.pth checkpoint.pth` writes into the latest file, and would overwrite
+    a linked numbered checkpoint with it."""
     latest = os.path.join(output_dir, LATEST)
     try:
         atomic_save(state, latest)
         if keep > 0:
             numbered = os.path.join(output_dir, f"checkpoint_step{step}.pth")
-            if not atomic_link(latest, numbered):
-                atomic_save(state, numbered)
+            atomic_save(state, numbered)
             for _, path in step_checkpoints(output_dir)[:-keep]:
                 os.unlink(path)
     except OSError as exc:  # a full disk, a lost mount, no permission: say where, and what is left
