@@ -402,6 +402,8 @@ class Trainer:
     def _agreed_stop_signal(self, signals: StopSignals) -> Optional[str]:
         """The stop signal any rank has received, or None; every rank gets the same answer (a host
         all-reduce, no device sync), so that all stop at the same step."""
+        if not self.cfg.train.handle_signals:  # the same on every rank: none of them calls the collective
+            return None
         number = max_over_ranks(signals.number, self._host_group)
         return signal.Signals(number).name if number else None
 
