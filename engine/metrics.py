@@ -22,6 +22,10 @@ class MetricsLogger:
             return
         os.makedirs(output_dir, exist_ok=True)
         if jsonl:
+            moved = supersede_records_after(self.jsonl_path, start_step)
+            if moved:
+                print(f"[flashdino] metrics.jsonl: {moved} line(s) of steps after {start_step}, which this run "
+                      f"(re)does, moved to {os.path.basename(self.jsonl_path)}{SUPERSEDED_SUFFIX}", file=sys.stderr)
             self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             try:
@@ -88,6 +92,43 @@ def _short(value):
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}"
     return value
+
+
+SUPERSEDED_SUFFIX = ".superseded"
+
+
+def supersede_records_after(path: str, step: int) -> int:
+    """Move the records of steps after `step` out of the JSONL file at `path`, into `path` + ".superseded".
+
+    A run resumed at `step` redoes the steps its killed predecessor logged after its last checkpoint
+    (a run started over redoes them all); without this the file would hold those steps twice, and a
+    line cut mid-write by the kill would break every reader. Nothing is deleted: the moved lines are
+    appended to the ".superseded" file. Returns how many lines were moved."""
+    if not os.path.exists(path):
+        return 0
+    keep, moved = [], []
+    with open(path) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a line cut mid-write
+                record_step = None
+            (keep if record_step is not None and record_step <= step else moved).append(line.rstrip("\n") + "\n")
+    if not moved:
+        return 0
+    with open(path + SUPERSEDED_SUFFIX, "a") as fh:
+        fh.writelines(moved)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.writelines(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # the kept records, atomically: a kill here leaves the old file or the new
+    return len(moved)
 
 
 def read_jsonl(path: str):

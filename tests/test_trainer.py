@@ -163,6 +163,10 @@ def test_sigkill_at_any_moment_then_resume_matches_straight_run(tmp_path):
         _assert_same_state(straight, resumed)
     except AssertionError as exc:
         raise AssertionError(f"after a kill at {killed_state}: {exc}") from None
+    # The metrics hold each step once, as the straight run logged it: what the killed run logged past
+    # its checkpoint (a line cut mid-write included) went to the ".superseded" file.
+    expected = [(r["step"], r["total_loss"]) for r in _read_metrics(tmp_path / "straight")]
+    assert [(r["step"], r["total_loss"]) for r in _read_metrics(out)] == expected
 
 
 def test_more_iterations_per_epoch_than_the_data_holds_is_a_config_error(tmp_path, capsys):
