@@ -12,12 +12,14 @@ import os
 import random
 import re
 import tempfile
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 LATEST = "checkpoint.pth"
+PREVIOUS_RUN_PREFIX = "previous-run-"
 _STEP_RE = re.compile(r"checkpoint_step(\d+)\.pth$")
 
 
@@ -114,6 +116,27 @@ def remove_stale_temp_files(output_dir: str) -> List[str]:
     for path in stale:
         os.unlink(path)
     return stale
+
+
+def move_previous_run(output_dir: str) -> Optional[str]:
+    """Make room for a run that starts over in `output_dir` (train.resume=false) without losing the one
+    there: when the folder holds a checkpoint, everything in it (checkpoints, DeepSpeed shards,
+    metrics, TensorBoard, config, plots), earlier previous-run folders aside, moves to
+    `output_dir/previous-run-<UTC time>/`, itself a run folder that can be resumed or evaluated.
+    Otherwise the new run's files would mix with the old ones (and pruning would keep the old run's
+    higher-numbered checkpoints over the new run's). Returns that folder, or None when nothing moved."""
+    if not os.path.isfile(os.path.join(output_dir, LATEST)):
+        return None
+    base = os.path.join(output_dir, PREVIOUS_RUN_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    target, n = base, 1
+    while os.path.exists(target):
+        target, n = f"{base}-{n}", n + 1
+    os.makedirs(target)
+    for name in sorted(os.listdir(output_dir)):
+        if not name.startswith(PREVIOUS_RUN_PREFIX):
+            os.replace(os.path.join(output_dir, name), os.path.join(target, name))
+    _fsync_dir(output_dir)
+    return target
 
 
 def find_latest(output_dir: str) -> Optional[str]:

@@ -75,7 +75,7 @@ def check_checkpoint_fits(path: str, state: Mapping[str, Any], model: torch.nn.M
     raise CheckpointError(
         f"the checkpoint '{path}' in train.output_dir was written for another model: {'; '.join(mismatches)}."
         f"{settings} Use a new train.output_dir, or train.resume=false to start over in this one "
-        f"(its checkpoints will then be overwritten)."
+        f"(the run there then moves to a previous-run-<time> subfolder)."
     )
 
 

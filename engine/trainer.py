@@ -129,6 +129,8 @@ class Trainer:
         self.schedule_fit: Optional[Dict[str, Any]] = None
         if cfg.train.resume:
             self._maybe_resume()
+        else:
+            self._move_previous_run()
         if self.schedule_fit is not None:  # a resumed run continues the schedule it was fitted to
             self._set_epochs(self.schedule_fit["fitted_epochs"])
         self._set_total_steps()
@@ -273,6 +275,15 @@ class Trainer:
             warning = changed_settings_warning(state, to_dict(self.cfg))
             if warning:
                 print(warning, file=sys.stderr)
+
+    def _move_previous_run(self) -> None:
+        """train.resume=false in a folder that holds a run: that run moves to a subfolder first."""
+        if is_main_process() and os.path.isdir(self.output_dir):
+            moved_to = ckpt.move_previous_run(self.output_dir)
+            if moved_to:
+                print(f"[flashdino] train.resume=false: the run that was in {self.output_dir} moved to {moved_to} "
+                      f"(delete it if it is not needed)", file=sys.stderr)
+        barrier()  # no rank writes into output_dir before it is clear
 
     def save_checkpoint(self) -> Optional[str]:
         """Write checkpoint.pth (rank 0) after every rank wrote its shard files, if the runtime has any.

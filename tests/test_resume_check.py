@@ -73,3 +73,22 @@ def test_missing_and_extra_weights_and_buffers_are_named():
     assert found == ["student.backbone.cls_token: not in the checkpoint", "student.head.extra: only in the checkpoint",
                      "buffer center: not in the checkpoint"]
     assert shape_mismatches(state, model, limit=1) == ["student.backbone.cls_token: not in the checkpoint", "... 2 more"]
+
+
+def test_starting_over_moves_the_previous_run_into_a_resumable_subfolder(trained_dir, capsys):
+    from flashdino.engine.metrics import read_jsonl
+
+    for attempt in (1, 2):
+        capsys.readouterr()
+        Trainer(tiny_config(trained_dir, "simdino_vits16", "train.max_steps=1", "train.resume=false")).fit()
+        assert "train.resume=false: the run that was in" in capsys.readouterr().err
+        assert ckpt.load_checkpoint(ckpt.find_latest(str(trained_dir)))["train_state"]["step"] == 1
+        assert [r["step"] for r in read_jsonl(trained_dir / "metrics.jsonl")] == [1]
+        previous = sorted(p for p in trained_dir.iterdir() if p.name.startswith(ckpt.PREVIOUS_RUN_PREFIX))
+        assert len(previous) == attempt  # one more each time, side by side, none inside another
+    first, second = previous
+    assert [r["step"] for r in read_jsonl(first / "metrics.jsonl")] == [1, 2]
+    assert (first / "config.yaml").exists() and not list(first.glob(ckpt.PREVIOUS_RUN_PREFIX + "*"))
+    assert ckpt.load_checkpoint(str(second / "checkpoint.pth"))["train_state"]["step"] == 1
+    # a moved run is a run folder like any other: it resumes where it stopped
+    assert Trainer(tiny_config(first, "simdino_vits16", "train.max_steps=3")).state.step == 2
