@@ -7,9 +7,14 @@ command (DALI, DeepSpeed) never breaks the others.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import List, Optional
+
+# OSErrors about a path the user gave: printed as one line, not as a traceback.
+USER_FIXABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EISDIR, errno.ENAMETOOLONG}
 
 # (command path, module, help)
 COMMANDS = [
@@ -81,6 +86,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except (DatasetError, CheckpointError, FileNotFoundError) as exc:
         # Bad input the user can fix: the message says what and how, a traceback would bury it.
+        print(f"flashdino: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in USER_FIXABLE_ERRNOS:
+            raise
+        # A path the user chose that cannot be written (read-only, full, a file where a folder goes).
         print(f"flashdino: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one inside it (train aborts)

@@ -1,5 +1,6 @@
 """An out-of-memory step stops training with the knobs that lower the peak, and loses nothing; a
-Ctrl-C outside training ends the command with status 130 and no traceback."""
+Ctrl-C outside training ends the command with status 130, and an output folder that cannot be
+written ends it with one line; no traceback either way."""
 import pytest
 import torch
 
@@ -60,3 +61,14 @@ def test_ctrl_c_outside_training_ends_the_command_without_a_traceback(monkeypatc
     assert cli_main(["config", "keys"]) == 130
     err = capsys.readouterr().err
     assert "flashdino: interrupted" in err and "Traceback" not in err
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    from test_trainer import TINY
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = cli_main(["train", "--preset", "simdino_vits16", "--output-dir", str(blocker / "run"), *TINY,
+                     "train.precision=fp32", "train.max_steps=1", "eval.after_train=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "flashdino: error:" in err and "Not a directory" in err and "Traceback" not in err
