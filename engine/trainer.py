@@ -29,6 +29,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, to_dict
+from .data_wait import DataWaitMonitor
 from .distributed import (barrier, get_rank, get_world_size, host_group, init_from_env, is_distributed,
                           is_main_process, max_over_ranks, rank0_values)
 from .finite_guard import FiniteGuard
@@ -424,7 +425,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         n = self.schedules.iters_per_epoch
         log_every = max(1, cfg.train.log_every)
-        window_start, window_images = time.perf_counter(), 0
+        window_start, window_images, window_first_step = time.perf_counter(), 0, st.step
+        data_wait = DataWaitMonitor(cfg.data.num_workers, cfg.data.pipeline, self.device.type == "cuda")
         measure_from: Optional[Tuple[float, int]] = None  # (time, step) where the speed measurement began
         last: Dict[str, float] = {}
         stopped_early = None
@@ -433,7 +435,9 @@ class Trainer:
             batches = iter(self.loader)
             while st.step < self.total_steps and st.batch_in_epoch < n:
                 with phase("data_wait"):
+                    waiting_since = time.perf_counter()
                     batch = next(batches, None)
+                    data_wait.add(time.perf_counter() - waiting_since)
                 if batch is None:
                     break
                 self._count_skipped(batch)
@@ -450,7 +454,10 @@ class Trainer:
                     self.guard.check()
                     elapsed = time.perf_counter() - window_start
                     last = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
-                    last.update({"epoch": st.epoch, "img/s": window_images / max(elapsed, 1e-9),
+                    waited, warning = data_wait.end_window(elapsed, st.step - window_first_step)
+                    if warning:
+                        self.logger.write(warning)
+                    last.update({"epoch": st.epoch, "img/s": window_images / max(elapsed, 1e-9), "data_wait": waited,
                                  "skipped_images": len(st.skipped_files)})
                     for cb in self.callbacks:  # callbacks may add metrics (collapse diagnostics)
                         if hasattr(cb, "on_log"):
@@ -466,7 +473,7 @@ class Trainer:
                             seconds_per_step = self._measured_speed_if_due(measure_from)
                             if seconds_per_step is not None:
                                 self._fit_schedule_to_time(t_start, seconds_per_step)
-                    window_start, window_images = time.perf_counter(), 0
+                    window_start, window_images, window_first_step = time.perf_counter(), 0, st.step
                 stopped_early = self._early_stop_reason(t_start, signals, log_every)
                 if stopped_early:
                     self.logger.write(f"[flashdino] stopping: {stopped_early}")
