@@ -325,3 +325,20 @@ def test_fitted_epochs_by_hand():
     assert fitted_epochs(step=750, elapsed_s=60.0, budget_s=30.0, **common) == 8  # never behind the current epoch
     with pytest.raises(ValueError, match="seconds_per_step"):
         fitted_epochs(step=100, elapsed_s=60.0, budget_s=600.0, **dict(common, seconds_per_step=0.0))
+
+
+@pytest.mark.parametrize("mode", ["per_param", "per_module"])
+def test_gradient_norms_before_clipping_are_reported_in_both_clip_modes(tmp_path, mode):
+    trainer = Trainer(tiny_config(tmp_path, "simdino_vits16", f"optim.clip_mode={mode}", "optim.clip_grad=0.01"))
+    batch = trainer.runtime.prepare_batch(trainer._to_device(next(iter(trainer.loader))))
+    losses = trainer.forward(batch, teacher_temp=torch.tensor(0.04))
+    trainer.runtime.backward(losses["total_loss"])
+    grads = {part: [p.grad.double().clone() for p in trainer.model.student[part].parameters() if p.grad is not None]
+             for part in ("backbone", "head")}
+    norms = trainer.runtime.step()
+    for part, tensors in grads.items():
+        expected = sum(float((g ** 2).sum()) for g in tensors) ** 0.5
+        assert float(norms[f"grad_norm_{part}"]) == pytest.approx(expected, rel=1e-5), part
+        assert expected > 0.01  # so the clipping below had something to do
+    clipped = [p.grad for p in trainer.model.student.parameters() if p.grad is not None]
+    assert max(float(g.norm()) for g in clipped) <= 0.01 * (1 + 1e-4)

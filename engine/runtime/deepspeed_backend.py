@@ -262,9 +262,7 @@ class DeepSpeedRuntime:
         o = self.cfg.optim
         norms: Dict[str, torch.Tensor] = {}
         if o.clip_grad > 0:
-            norms = self.clipper.clip(o.clip_mode, o.clip_grad, self.device)
-            if o.clip_mode == "per_param":
-                norms = {}  # the local runtime reports module norms only in per-module mode
+            norms = self.clipper.clip(o.clip_mode, o.clip_grad, self.device)  # module norms before clipping
         self.engine.step()
         return norms
 
