@@ -1,7 +1,7 @@
 """Detect a non-finite loss without a host sync on every step (spec trap T12).
 
-Each step records, on the device, whether any loss term is NaN/inf and the first step where one
-was. `check()` (at log steps, before each checkpoint, at the end, and every step on the CPU where
+Each step records, on the device, whether any loss term or gradient norm (the trainer passes those
+outside fp16) is NaN/inf and the first step where one was. `check()` (at log steps, before each checkpoint, at the end, and every step on the CPU where
 a sync costs nothing) brings that one number to the host and raises with the step and the term.
 Since a checkpoint is only written after a successful check, the last checkpoint on disk always
 holds finite weights.
@@ -20,7 +20,7 @@ class NonFiniteLossError(FloatingPointError):
         self.step, self.terms, self.values = step, terms, values
         shown = ", ".join(f"{k}={values[k]}" if k in values else k for k in terms)
         super().__init__(
-            f"non-finite loss at step {step}: {shown}. Training stopped; the last checkpoint on disk "
+            f"non-finite loss or gradient at step {step}: {shown}. Training stopped; the last checkpoint on disk "
             f"was written before this step and is intact."
         )
 
@@ -71,6 +71,7 @@ class FiniteGuard:
             raise NonFiniteLossError(step, ["reported by another rank"], {})
         values = dict(zip(self._names, self._bad_values.tolist()))
         bad_terms = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
-        # Name the component terms first: the total is non-finite because one of them is.
-        bad_terms.sort(key=lambda k: k == "total_loss")
+        # Name the component terms first (the total is non-finite because one of them is), then the
+        # gradient norms (non-finite because a loss term or the backward is).
+        bad_terms.sort(key=lambda k: (k.startswith("grad_norm"), k == "total_loss"))
         raise NonFiniteLossError(step, bad_terms, values)

@@ -326,14 +326,18 @@ class Trainer:
             # teacher-temperature warmup changes the value.
             teacher_temp = torch.tensor(sched["teacher_temp"], dtype=torch.float32)
             losses = self.forward(batch, teacher_temp=teacher_temp)
-        self.guard.record(i, losses)
 
         with phase("backward"):
             self.runtime.backward(losses["total_loss"])
         with phase("optimizer"):
             # unscale (fp16), clip (spec 1.6), DINO's first-epoch prototype freeze, optimizer step
             freeze = cfg.objective.method == "dino" and self.state.epoch < cfg.objective.freeze_last_layer_epochs
-            losses.update(self.runtime.step(freeze_last_layer=freeze))
+            grad_norms = self.runtime.step(freeze_last_layer=freeze)
+        # The guard watches the loss terms and, except in fp16 (whose loss scaler skips a step with
+        # inf gradients by design), the gradient norms: a non-finite gradient under a finite loss
+        # would otherwise reach the weights, and the next checkpoint, unnoticed.
+        self.guard.record(i, losses if cfg.train.precision == "fp16" else {**losses, **grad_norms})
+        losses.update(grad_norms)
         with phase("ema"):
             self.runtime.ema_update(sched["momentum"])
         self._watch_compilation(i)

@@ -120,6 +120,21 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, monkey
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
+def test_a_nan_gradient_under_a_finite_loss_stops_before_its_checkpoint(tmp_path):
+    # Step index 3 is followed by a checkpoint (checkpoint_every=2): its weights, updated with a NaN
+    # gradient, must not be written, though its loss (computed before the update) is finite.
+    trainer = Trainer(tiny_config(tmp_path, "simdino_vits16", "train.max_steps=8", "train.checkpoint_every=2"))
+    head_weight = next(trainer.model.student["head"].parameters())
+    head_weight.register_hook(lambda g: g * float("nan") if trainer.state.step == 3 else g)
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit()
+    assert err.value.step == 3 and err.value.terms == ["grad_norm_head"]
+    assert "loss or gradient at step 3: grad_norm_head=nan" in str(err.value)
+    state = ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path)))
+    assert state["train_state"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
 def test_world_size_mismatch_on_resume_is_refused(tmp_path):
     Trainer(tiny_config(tmp_path, "simdino_vits16", "train.max_steps=1")).fit()
     state = ckpt.load_checkpoint(ckpt.find_latest(str(tmp_path)))
