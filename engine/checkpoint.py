@@ -121,7 +121,7 @@ def remove_stale_temp_files(output_dir: str) -> List[str]:
 def move_previous_run(output_dir: str) -> Optional[str]:
     """Make room for a run that starts over in `output_dir` (train.resume=false) without losing the one
     there: when the folder holds a checkpoint, everything in it (checkpoints, DeepSpeed shards,
-    metrics, TensorBoard, config, plots), earlier previous-run folders aside, moves to
+    metrics, TensorBoard, config, plots), earlier previous-run folders and hidden files aside, moves to
     `output_dir/previous-run-<UTC time>/`, itself a run folder that can be resumed or evaluated.
     Otherwise the new run's files would mix with the old ones (and pruning would keep the old run's
     higher-numbered checkpoints over the new run's). Returns that folder, or None when nothing moved."""
@@ -133,7 +133,8 @@ def move_previous_run(output_dir: str) -> Optional[str]:
         target, n = f"{base}-{n}", n + 1
     os.makedirs(target)
     for name in sorted(os.listdir(output_dir)):
-        if not name.startswith(PREVIOUS_RUN_PREFIX):
+        # hidden files stay: the folder's own lock (engine/run_lock.py), held by the run now starting
+        if not name.startswith((PREVIOUS_RUN_PREFIX, ".")):
             os.replace(os.path.join(output_dir, name), os.path.join(target, name))
     _fsync_dir(output_dir)
     return target

@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import run_lock
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data_wait import DataWaitMonitor
 from .distributed import (barrier, get_rank, get_world_size, host_group, init_from_env, is_distributed,
@@ -128,6 +130,8 @@ class Trainer:
         if cfg.train.fit_to_time and not cfg.train.max_minutes:
             raise ConfigError("train.fit_to_time=true fits the schedule to train.max_minutes; set that too")
         self.schedule_fit: Optional[Dict[str, Any]] = None
+        if is_main_process():  # one run per output folder, from here until this trainer is dropped
+            weakref.finalize(self, run_lock.release, run_lock.acquire(self.output_dir))
         if cfg.train.resume:
             self._maybe_resume()
         else:

@@ -89,6 +89,7 @@ def test_starting_over_moves_the_previous_run_into_a_resumable_subfolder(trained
     first, second = previous
     assert [r["step"] for r in read_jsonl(first / "metrics.jsonl")] == [1, 2]
     assert (first / "config.yaml").exists() and not list(first.glob(ckpt.PREVIOUS_RUN_PREFIX + "*"))
+    assert (trained_dir / ".flashdino.lock").exists() and not (first / ".flashdino.lock").exists()  # the lock stays
     assert ckpt.load_checkpoint(str(second / "checkpoint.pth"))["train_state"]["step"] == 1
     # a moved run is a run folder like any other: it resumes where it stopped
     assert Trainer(tiny_config(first, "simdino_vits16", "train.max_steps=3")).state.step == 2
