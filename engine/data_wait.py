@@ -8,7 +8,7 @@ to change.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 DATA_BOUND_FRACTION = 0.3
 
@@ -23,7 +23,7 @@ class DataWaitMonitor:
     def add(self, seconds: float) -> None:
         self.window_seconds += seconds
 
-    def end_window(self, elapsed: float, steps: int) -> "tuple[float, Optional[str]]":
+    def end_window(self, elapsed: float, steps: int) -> Tuple[float, Optional[str]]:
         """(waited fraction of the `elapsed` seconds of this window, a warning or None); starts the next window."""
         fraction = min(1.0, self.window_seconds / max(elapsed, 1e-9))
         self.window_seconds = 0.0
