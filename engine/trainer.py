@@ -92,6 +92,8 @@ class Trainer:
         self._host_group = host_group()  # where the ranks agree on a stop signal every step
         self.device = resolve_device(cfg.train.device)
         self.cfg = cfg = resolve_auto(cfg, self.device)
+        if is_main_process():  # one run per output folder (before the costly set-up a second run would waste)
+            weakref.finalize(self, run_lock.release, run_lock.acquire(cfg.train.output_dir))
         self._seed_everything(cfg.train.seed + self.rank)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -130,8 +132,6 @@ class Trainer:
         if cfg.train.fit_to_time and not cfg.train.max_minutes:
             raise ConfigError("train.fit_to_time=true fits the schedule to train.max_minutes; set that too")
         self.schedule_fit: Optional[Dict[str, Any]] = None
-        if is_main_process():  # one run per output folder, from here until this trainer is dropped
-            weakref.finalize(self, run_lock.release, run_lock.acquire(self.output_dir))
         if cfg.train.resume:
             self._maybe_resume()
         else:
