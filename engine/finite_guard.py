@@ -1,8 +1,9 @@
 """Detect a non-finite loss without a host sync on every step (spec trap T12).
 
 Each step records, on the device, whether any loss term or gradient norm (the trainer passes those
-outside fp16) is NaN/inf and the first step where one was. `check()` (at log steps, before each checkpoint, at the end, and every step on the CPU where
-a sync costs nothing) brings that one number to the host and raises with the step and the term.
+outside fp16) is NaN/inf and the first step where one was. `check()` (at log steps, before each
+checkpoint, at the end, and every step on the CPU where a sync costs nothing) brings that one number
+to the host and raises with the step and the term.
 Since a checkpoint is only written after a successful check, the last checkpoint on disk always
 holds finite weights.
 """

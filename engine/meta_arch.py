@@ -29,10 +29,11 @@ class SSLMetaArch(nn.Module):
         self.method = cfg.objective.method
         attention = cfg.runtime.attention
         student_backbone = build_backbone(cfg.model, attention=attention)
-        if cfg.runtime.activation_checkpointing > len(student_backbone.blocks):
+        try:
+            student_backbone.set_activation_checkpointing(cfg.runtime.activation_checkpointing)
+        except ValueError as exc:  # the model knows its depth; the message names the config key
             raise ConfigError(f"runtime.activation_checkpointing={cfg.runtime.activation_checkpointing} blocks, but "
-                              f"the student has {len(student_backbone.blocks)} (model.arch={cfg.model.arch})")
-        student_backbone.set_activation_checkpointing(cfg.runtime.activation_checkpointing)
+                              f"the student has {len(student_backbone.blocks)} (model.arch={cfg.model.arch})") from exc
         embed_dim = student_backbone.embed_dim
         self.student = nn.ModuleDict({"backbone": student_backbone, "head": build_head(cfg.head, embed_dim, self.method)})
         teacher_backbone = build_backbone(cfg.model, teacher=True, attention=attention)

@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Callable, Dict, Optional
 
-from flashdino.pipelines.worker_signals import STOP_SIGNALS
+from flashdino.pipelines.worker_signals import stop_signals
 
 
 def _say(text: str) -> None:
@@ -44,11 +44,10 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
             return self
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name, None)
+        for sig in stop_signals():
             # An ignored signal stays ignored: a shell starts background jobs with SIGINT ignored so
             # that a Ctrl-C meant for the foreground job does not reach them.
-            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
                 self._previous[sig] = signal.signal(sig, self._handle)
         self.installed = True
         return self

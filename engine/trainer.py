@@ -89,7 +89,8 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         init_from_env()
         self.rank, self.world_size = get_rank(), get_world_size()
-        self._host_group = host_group()  # where the ranks agree on a stop signal every step
+        # where the ranks agree on a stop signal every step (a new gloo group under NCCL: only if used)
+        self._host_group = host_group() if cfg.train.handle_signals else None
         self.device = resolve_device(cfg.train.device)
         self.cfg = cfg = resolve_auto(cfg, self.device)
         if is_main_process():  # one run per output folder (before the costly set-up a second run would waste)
@@ -272,12 +273,13 @@ class Trainer:
                 f"checkpoint '{path}' was written by the {saved_runtime} runtime, this run uses {self.runtime.name}; "
                 "the optimizer state is stored differently. Resume with the same runtime.distributed / zero_stage."
             )
-        check_checkpoint_fits(path, state, self.model, to_dict(self.cfg))
+        config = to_dict(self.cfg)
+        check_checkpoint_fits(path, state, self.model, config)
         self.load_state_dict(state)
         if is_main_process():
             print(f"[flashdino] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})", file=sys.stderr)
-            warning = changed_settings_warning(state, to_dict(self.cfg))
+            warning = changed_settings_warning(state, config)
             if warning:
                 print(warning, file=sys.stderr)
 

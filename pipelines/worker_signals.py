@@ -12,10 +12,13 @@ import signal
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
+def stop_signals() -> list:
+    """The stop signals this platform has (SIGUSR1 does not exist on every one)."""
+    return [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+
+
 def ignore_stop_signals(*_worker_id) -> None:
     """Ignore the stop signals in this (worker) process. Takes (and ignores) a worker id, so that it
     serves as a DataLoader ``worker_init_fn``."""
-    for name in STOP_SIGNALS:
-        sig = getattr(signal, name, None)  # SIGUSR1 does not exist on every platform
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
