@@ -77,8 +77,10 @@ def test_nothing_is_installed_off_the_main_thread():
 
 def test_exit_code_is_the_shells_status_for_death_by_that_signal():
     for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
-        # What a shell reports for a child killed by the signal: 128 + its number.
-        child = subprocess.run([sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), signal.{name})"])
+        # What a shell reports for a child killed by the signal: 128 + its number. The child sets the
+        # signal's default action first: started from a background shell job, it inherits SIGINT ignored.
+        code = f"import os, signal; signal.signal(signal.{name}, signal.SIG_DFL); os.kill(os.getpid(), signal.{name})"
+        child = subprocess.run([sys.executable, "-c", code])
         assert child.returncode == -getattr(signal, name)
         assert exit_code(name) == 128 + getattr(signal, name)
 
