@@ -131,12 +131,17 @@ class SSLMetaArch(nn.Module):
         s_cls, s_patch = s_out[:n_cls], s_out[n_cls:]
         self.last_teacher_output = t_cls.detach()
         with phase("loss"):
-            return O.simdinov2_loss(
+            out = O.simdinov2_loss(
                 s_cls.float(), t_cls.float(), s_patch.float(), t_patch.float(), weights, self.n_crops,
                 eps=o.eps, coeff=o.coeff, expa_type=o.expa_type, world_size=get_world_size(),
                 dino_weight=o.dino_weight, ibot_weight=o.ibot_weight, reduce_cov=o.reduce_cov,
                 virtual_ranks=o.virtual_ranks, coding_rate_fn=self.loss_impl.coding_rate,
             )
+            if o.koleo_weight > 0:  # SimDINOv2 ships with weight 0 (spec 3.1), but the term is in its total (3.6)
+                koleo = self._koleo_term(g["cls"], n_global)
+                out["total_loss"] = out["total_loss"] + koleo
+                out["koleo_loss"] = koleo.detach()
+            return out
 
     def _dinov2(self, batch, teacher_temp):
         o = self.cfg.objective
@@ -170,14 +175,17 @@ class SSLMetaArch(nn.Module):
         total = o.dino_weight * dino + o.ibot_weight * ibot
         out = {"dino_local_crops_loss": dino.detach(), "ibot_loss": ibot.detach()}
         if o.koleo_weight > 0:
-            # KoLeo on the student backbone CLS of each global crop separately, in fp32 (spec 4.2).
-            b = n_global // 2
-            cls_global = student_global_cls.float()
-            koleo = o.koleo_weight * (O.koleo_loss(cls_global[:b]) + O.koleo_loss(cls_global[b:]))
+            koleo = self._koleo_term(student_global_cls, n_global)
             total = total + koleo
             out["koleo_loss"] = koleo.detach()
         out["total_loss"] = total
         return out
+
+    def _koleo_term(self, student_global_cls, n_global):
+        """Weighted KoLeo on the student backbone CLS of each global crop separately, in fp32 (spec 4.2)."""
+        b = n_global // 2
+        cls_global = student_global_cls.float()
+        return self.cfg.objective.koleo_weight * (O.koleo_loss(cls_global[:b]) + O.koleo_loss(cls_global[b:]))
 
     @torch.no_grad()
     def _update_dinov2_centers(self, t_cls, t_patch):
