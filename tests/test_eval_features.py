@@ -155,3 +155,18 @@ def test_fp32_extraction_runs_a_half_only_attention_model_with_sdpa(backend):
         assert model.attention_backend == backend
     with pytest.raises(RuntimeError, match="needs fp16/bf16 CUDA tensors"):  # the case it protects from
         model.forward_features(torch.randn(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize("size, resize, expected", [
+    (None, None, (224, 256)),  # the run's eval settings
+    (224, None, (224, 256)),  # a crop size alone keeps the 256/224 ratio: the center crop is not dropped
+    (112, None, (112, 128)),
+    (224, 224, (224, 224)),  # both given: exactly as asked
+])
+def test_transform_from_config_keeps_the_resize_ratio(size, resize, expected):
+    from flashdino.engine.config import build_config
+
+    cfg = build_config("dino_vits16")
+    assert (cfg.eval.eval_size, cfg.eval.resize_size) == (224, 256)
+    tf = EvalTransform.from_config(cfg, size, resize)
+    assert (tf.size, tf.resize_size) == expected

@@ -119,3 +119,15 @@ def test_linear_cli_rejects_too_many_blocks(tmp_path, capsys):
     path = _checkpoint(tmp_path)
     assert cli_main(["eval", "linear", "--checkpoint", path, "--device", "cpu", "--n-last-blocks", "5"]) == 2
     assert "exceeds the backbone's 2 blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [([], "fp16"), (["--precision", "fp32"], "fp32"), (["--precision", "bf16"], "bf16")])
+def test_linear_settings_explicit_precision_overrides_the_protocol(flags, expected):
+    import argparse
+
+    from flashdino.engine.eval.linear_cli import _settings, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "x.pth", "--protocol", "v2"] + flags)
+    assert _settings(args)["precision"] == expected

@@ -21,12 +21,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train-data", help="labeled train set: class-folder tree, labeled .txt list or Fashion-MNIST folder")
     data.add_argument("--val-data", help="labeled evaluation set (same kinds as --train-data)")
     data.add_argument("--eval-size", type=int, help="center-crop size (default: the run's eval.eval_size)")
-    data.add_argument("--resize-size", type=int, help="shorter side before the crop (default: eval.resize_size)")
+    data.add_argument("--resize-size", type=int, help="shorter side before the crop (default: eval.resize_size; with "
+                      "--eval-size alone, the run's resize-to-crop ratio applied to it, e.g. 224 -> 256)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=tuple(AMP_DTYPES),
-                        help="feature extraction precision: fp32 (v1 protocol) or autocast fp16/bf16 (v2 protocol)")
+    parser.add_argument("--precision", choices=tuple(AMP_DTYPES),
+                        help="feature extraction precision: fp32 (v1 protocol, the default) or autocast fp16/bf16 "
+                             "(v2 protocol)")
     parser.add_argument("--output", help="JSON file for the results (default: eval_<kind>.json beside the checkpoint)")
 
 

@@ -52,7 +52,13 @@ class EvalTransform:
 
     @classmethod
     def from_config(cls, cfg, size: Optional[int] = None, resize_size: Optional[int] = None) -> "EvalTransform":
-        """From a run's config: eval sizes from ``cfg.eval``, mean/std from ``cfg.crops`` (what training used)."""
+        """From a run's config: eval sizes from ``cfg.eval``, mean/std from ``cfg.crops`` (what training used).
+
+        A crop `size` given without `resize_size` keeps the config's resize-to-crop ratio (224 -> 256
+        with the spec's 256/224), so asking for another crop size never silently drops the center crop.
+        """
+        if size and not resize_size:
+            resize_size = round(size * cfg.eval.resize_size / cfg.eval.eval_size)
         return cls(size or cfg.eval.eval_size, resize_size or cfg.eval.resize_size, cfg.crops.mean, cfg.crops.std)
 
     def __repr__(self) -> str:

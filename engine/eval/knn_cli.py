@@ -55,10 +55,11 @@ def run(args) -> dict:
     backbone, cfg, info = load_backbone(args.checkpoint, args.which, device)
     ks = args.k or [cfg.eval.knn_k]
     temperature = args.temperature if args.temperature is not None else cfg.eval.knn_temperature
+    precision = args.precision or "fp32"
     train, test, description = resolve_eval_data(cfg, args.data, args.train_data, args.val_data)
-    transform = EvalTransform.from_config(cfg, args.eval_size, args.resize_size or args.eval_size)
+    transform = EvalTransform.from_config(cfg, args.eval_size, args.resize_size)
     common = dict(ks=ks, temperature=temperature, batch_size=args.batch_size, num_workers=args.num_workers,
-                  device=device, amp_dtype=AMP_DTYPES[args.precision], query_chunk=args.query_chunk,
+                  device=device, amp_dtype=AMP_DTYPES[precision], query_chunk=args.query_chunk,
                   train_chunk=args.train_chunk, progress=True)
     results = {"trained": evaluate_knn(backbone, train, test, transform, feature_dir=args.feature_dir, **common)}
     if args.baselines:
@@ -69,7 +70,7 @@ def run(args) -> dict:
     output = args.output or default_output(args.checkpoint, "knn", args.which)
     record = {
         "checkpoint": info, "data": description, "transform": repr(transform), "ks": ks,
-        "temperature": temperature, "precision": args.precision, "results": results, "output": output,
+        "temperature": temperature, "precision": precision, "results": results, "output": output,
     }
     write_json(output, record)
     return record

@@ -71,7 +71,7 @@ def _settings(args) -> Dict[str, object]:
         "avgpool": {"off": [False], "on": [True], "both": [False, True]}.get(args.avgpool),
     }
     s.update({k: v for k, v in explicit.items() if v is not None})
-    if args.precision != "fp32":
+    if args.precision is not None:  # an explicit --precision fp32 overrides the v2 protocol's fp16 too
         s["precision"] = args.precision
     return s
 
@@ -112,7 +112,7 @@ def run(args) -> dict:
     feature_fn = multi_block_features(n_max, has_avgpool)
     amp = AMP_DTYPES[s["precision"]]
     train, val, description = resolve_eval_data(cfg, args.data, args.train_data, args.val_data)
-    transform = EvalTransform.from_config(cfg, args.eval_size, args.resize_size or args.eval_size)
+    transform = EvalTransform.from_config(cfg, args.eval_size, args.resize_size)
     extract = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, feature_fn=feature_fn,
                    amp_dtype=amp)
 
