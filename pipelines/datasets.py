@@ -7,7 +7,7 @@ and ``path(index) -> str``. A file that cannot be decoded completely raises
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image

@@ -19,27 +19,11 @@ import torch
 from .augment import MultiCropAugmentation
 from .datasets import CorruptImageError, build_dataset
 from .masking import BatchMasking, mask_indices_and_weights
+from .sharding import mask_rng, rank_indices, sample_rng, samples_per_rank
 from .worker_signals import ignore_stop_signals
-
-# Stream tags keep the RNG streams of different purposes apart even with equal numeric keys.
-_SAMPLE_STREAM = 0
-_ORDER_STREAM = 1
-_MASK_STREAM = 2
 
 
 Key = Union[int, Tuple[int, int, int]]  # index, or (index, epoch, batch index) from the loader's sampler
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([_SAMPLE_STREAM, seed, epoch, index]))
-
-
-def order_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([_ORDER_STREAM, seed, epoch]))
-
-
-def mask_rng(seed: int, epoch: int, batch_index: int, rank: int = 0) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([_MASK_STREAM, seed, epoch, rank, batch_index]))
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -130,16 +114,18 @@ class MultiCropDataset(torch.utils.data.Dataset):
 class ResumableSampler(torch.utils.data.Sampler):
     """Batch sampler: a (seed, epoch) permutation, sharded by rank, cut into batches; can start mid-epoch.
 
-    Sharding follows DistributedSampler: the permutation is truncated (drop_last) or padded by
-    wrapping to a multiple of `world_size`, and rank r takes every world_size-th index starting at r.
-    Each rank's stream is cut into batches of `batch_size`; with drop_last the final partial batch is
-    dropped, so every batch has the same size (static shapes for compiled steps).
+    Sharding follows DistributedSampler (``sharding.rank_indices``): the permutation is truncated to
+    a multiple of `world_size`, or padded by wrapping (`pad_ranks`, the v1 tree's sampler; always
+    without drop_last), and rank r takes every world_size-th index starting at r. Each rank's stream
+    is cut into batches of `batch_size`; with drop_last the final partial batch is dropped, so every
+    batch has the same size (static shapes for compiled steps).
 
     ``set_start_batch(k)`` makes the next pass over the current epoch start at batch k (resume); it is
     used once, and ``set_epoch`` to another epoch discards it.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 pad_ranks: bool = False):
         if n < 1:
             raise ValueError(f"ResumableSampler: n must be >= 1, got {n}")
         if batch_size < 1:
@@ -148,6 +134,7 @@ class ResumableSampler(torch.utils.data.Sampler):
             raise ValueError(f"ResumableSampler: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
+        self.pad_ranks = bool(pad_ranks) or not self.drop_last  # without drop_last every sample is seen
         self.epoch = 0
         self._start: Optional[Tuple[int, int]] = None  # (epoch, batch) of a pending resume
         if self.batches_per_epoch == 0:
@@ -158,9 +145,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     @property
     def samples_per_rank(self) -> int:
-        if self.drop_last:
-            return self.n // self.world_size
-        return math.ceil(self.n / self.world_size)
+        return samples_per_rank(self.n, self.world_size, self.pad_ranks)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -182,11 +167,7 @@ class ResumableSampler(torch.utils.data.Sampler):
     def rank_indices(self, epoch: Optional[int] = None) -> np.ndarray:
         """This rank's sample order for `epoch` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
-        perm = order_rng(self.seed, epoch).permutation(self.n)
-        total = self.samples_per_rank * self.world_size
-        if total > self.n:
-            perm = np.concatenate([perm, perm[: total - self.n]])
-        return perm[:total][self.rank :: self.world_size]
+        return rank_indices(self.n, self.seed, epoch, self.rank, self.world_size, self.pad_ranks)
 
     def batches(self, epoch: Optional[int] = None, start: int = 0) -> Iterator[List[int]]:
         idx = self.rank_indices(epoch)
@@ -282,6 +263,14 @@ def build_masking(cfg) -> Optional[BatchMasking]:
     return BatchMasking.from_config(cfg)
 
 
+def build_train_sampler(cfg, n: int, rank: int = 0, world_size: int = 1) -> ResumableSampler:
+    """The training sampler of both pipelines. The v1 tree's DistributedSampler pads each rank's share
+    where the v2 tree drops the remainder, so their epochs differ by an iteration when N does not
+    divide n (spec 1.4's n); the schedule style picks which."""
+    return ResumableSampler(n, cfg.data.batch_size, cfg.train.seed, rank=rank, world_size=world_size,
+                            drop_last=True, pad_ranks=cfg.optim.schedule_style == "v1")
+
+
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, start_batch: int = 0):
     """(DataLoader, ResumableSampler, MultiCropDataset) for `cfg` (a ``flashdino.engine.config.Config``).
 
@@ -290,7 +279,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, 
     seed = cfg.train.seed
     reader = build_dataset(cfg.data, split="train", seed=seed)
     dataset = MultiCropDataset(reader, MultiCropAugmentation.from_config(cfg.crops), seed=seed)
-    sampler = ResumableSampler(len(reader), cfg.data.batch_size, seed, rank=rank, world_size=world_size, drop_last=True)
+    sampler = build_train_sampler(cfg, len(reader), rank, world_size)
     dataset.set_epoch(epoch)
     sampler.set_epoch(epoch)
     if start_batch:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch

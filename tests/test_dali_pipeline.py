@@ -19,7 +19,7 @@ from flashdino.pipelines.bench import make_jpeg_set
 from flashdino.pipelines.dali import build_dali_loader
 from flashdino.pipelines.dali import plugin as plugin_mod
 from flashdino.pipelines.dali.params import ViewSpec, pack_crop_params
-from flashdino.pipelines.dali.source import MultiCropSource, rank_indices, sample_rng
+from flashdino.pipelines.dali.source import MultiCropSource
 from flashdino.pipelines.fast_masking import FastBatchMasking
 from flashdino.pipelines.native import build as native_build
 
@@ -121,15 +121,16 @@ def test_sharding_by_rank(jpeg_dir):
     assert len(seen) == len(set(seen)) == 24
 
 
-def test_rng_keys_equal_the_torchvision_loader():
-    """The source re-implements two torch-free helpers; they must equal loader.py's exactly."""
-    for seed, epoch, index in ((0, 0, 0), (7, 3, 12345), (2**31, 99, 5)):
-        assert np.array_equal(sample_rng(seed, epoch, index).random(8), tv_loader.sample_rng(seed, epoch, index).random(8))
-    for n, ws, bs in ((24, 1, 4), (103, 4, 5), (50, 3, 7)):
-        for rank in range(ws):
-            for epoch in (0, 5):
-                sampler = tv_loader.ResumableSampler(n, bs, seed=11, rank=rank, world_size=ws)
-                assert np.array_equal(rank_indices(n, 11, epoch, rank, ws), sampler.rank_indices(epoch))
+@pytest.mark.parametrize("style, batches", [("v1", 2), ("v2", 1)])
+def test_padded_rank_shares_follow_the_schedule_style(jpeg_dir, style, batches):
+    """24 images on 7 ranks at batch 2: the v1 tree pads each share to ceil(24/7) = 4 images (2
+    batches), the v2 tree truncates to 3 (1 batch) (spec 1.4). The DALI source gives the last rank,
+    whose padded share repeats the permutation's first images, what the torchvision sampler gives."""
+    cfg = _cfg(jpeg_dir, "data.batch_size=2", f"optim.schedule_style={style}")
+    loader, sampler, reader = build_dali_loader(cfg, rank=6, world_size=7)
+    tv_sampler = tv_loader.build_train_sampler(cfg, len(reader), rank=6, world_size=7)
+    assert len(loader) == sampler.batches_per_epoch == tv_sampler.batches_per_epoch == batches
+    assert [b["indices"].tolist() for b in loader] == list(tv_sampler.batches(0))
 
 
 def test_reference_params_are_the_torchvision_loaders(jpeg_dir):

@@ -75,6 +75,25 @@ def test_sampler_permutation_sharding_and_lengths():
         ResumableSampler(10, 2, seed=0, rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("n, world_size, batch", [(1000, 3, 2), (1_281_167, 3, 16), (1_281_167, 8, 64), (23, 4, 2), (5, 7, 1)])
+def test_sampler_padded_shares_give_the_v1_epoch_length(n, world_size, batch):
+    """Spec 1.4: n (v1) = floor(ceil(n/N)/B), n (v2) = floor(n/(N*B)); padding repeats the
+    permutation's first images (cyclically when the ranks outnumber the images), as DistributedSampler."""
+    padded = [ResumableSampler(n, batch, seed=5, rank=r, world_size=world_size, pad_ranks=True) for r in range(world_size)]
+    truncated = ResumableSampler(n, batch, seed=5, world_size=world_size) if n // world_size >= batch else None
+    assert padded[0].batches_per_epoch == (-(-n // world_size)) // batch
+    if truncated is not None:
+        assert truncated.batches_per_epoch == n // (world_size * batch)
+    if n > 100_000:
+        return  # the lengths are the point here; the orders are checked on the small sizes
+    shares = [s.rank_indices(0) for s in padded]
+    assert {len(x) for x in shares} == {-(-n // world_size)}
+    interleaved = np.stack(shares, axis=1).reshape(-1)  # rank r holds every N-th position from r
+    first_pass = interleaved[:n]
+    assert sorted(first_pass) == list(range(n))  # every image once, then the repeats
+    assert list(interleaved[n:]) == list(np.resize(first_pass, len(interleaved) - n))
+
+
 def test_sampler_start_batch_is_one_shot():
     s = ResumableSampler(40, 4, seed=3)
     s.set_epoch(2)

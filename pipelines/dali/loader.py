@@ -35,7 +35,8 @@ import torch
 from ..augment import MultiCropAugmentation
 from ..datasets import CorruptImageError, build_dataset
 from ..fast_masking import FastBatchMasking
-from ..loader import ResumableSampler, mask_rng
+from ..loader import ResumableSampler, build_train_sampler
+from ..sharding import mask_rng
 from ..masking import mask_indices_and_weights
 from . import plugin as plugin_mod
 from .graph import build_pipeline
@@ -139,7 +140,7 @@ class DaliMultiCropLoader:
     def _make_source(self, epoch: int, start: int) -> MultiCropSource:
         return MultiCropSource(
             self.reader, self.spec, self.batch_size, self.seed,
-            rank=self.sampler.rank, world_size=self.sampler.world_size,
+            rank=self.sampler.rank, world_size=self.sampler.world_size, pad_ranks=self.sampler.pad_ranks,
             first_epoch=epoch, start_batch=start, params=self.params,
             augmentation=self.augmentation if self.params == "reference" else None,
             blocklist=tuple(sorted(self.blocklist)),
@@ -380,7 +381,7 @@ def build_dali_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, s
     seed = cfg.train.seed
     reader = build_dataset(cfg.data, split="train", seed=seed)
     augmentation = MultiCropAugmentation.from_config(cfg.crops)
-    sampler = ResumableSampler(len(reader), cfg.data.batch_size, seed, rank=rank, world_size=world_size, drop_last=True)
+    sampler = build_train_sampler(cfg, len(reader), rank, world_size)
     sampler.set_epoch(epoch)
     if start_batch:
         sampler.set_start_batch(start_batch)

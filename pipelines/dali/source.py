@@ -5,8 +5,8 @@ pipeline's life, batch within the epoch, slot within the batch), possibly in wor
 (``parallel=True``, spawn). From that alone it derives, with the same keys as the torchvision loader:
 
 * the image index: this rank's share of the (seed, epoch) permutation, cut into batches
-  (``ResumableSampler``'s order; a resumed epoch starts at ``start_batch``);
-* the parameters: an RNG from (seed, epoch, index) (``loader.sample_rng``'s stream);
+  (``sharding.rank_indices``, as ``ResumableSampler``; a resumed epoch starts at ``start_batch``);
+* the parameters: an RNG from (seed, epoch, index) (``sharding.sample_rng``, as the torchvision loader);
 * corrupt files: inspected before DALI sees them (see :mod:`.validate`); a broken one is replaced by
   the next index (wrapping, also checked) and its index reported in the ``skipped`` output.
 
@@ -21,25 +21,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..datasets import CorruptImageError
+from ..sharding import rank_indices, sample_rng, samples_per_rank
 from .params import PackedParams, ViewSpec, sample_fast
 from .validate import read_and_inspect
 
-# Must equal flashdino.pipelines.loader's stream tags (a test checks): same keys -> same RNG streams.
-SAMPLE_STREAM = 0
-ORDER_STREAM = 1
-
 OUTPUT_NAMES = ("data", "meta", "windows", "color", "order", "flags", "sigma", "skipped")
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([SAMPLE_STREAM, seed, epoch, index]))
-
-
-def rank_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's order for an epoch with drop_last sharding (``ResumableSampler.rank_indices``)."""
-    perm = np.random.default_rng(np.random.SeedSequence([ORDER_STREAM, seed, epoch])).permutation(n)
-    per_rank = n // world_size
-    return perm[: per_rank * world_size][rank::world_size]
 
 
 class MultiCropSource:
@@ -57,6 +43,7 @@ class MultiCropSource:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        pad_ranks: bool = False,
         first_epoch: int = 0,
         start_batch: int = 0,
         params: str = "fast",
@@ -71,14 +58,14 @@ class MultiCropSource:
         self.spec = spec
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.rank, self.world_size, self.pad_ranks = int(rank), int(world_size), bool(pad_ranks)
         self.first_epoch, self.start_batch = int(first_epoch), int(start_batch)
         self.params = params
         self.augmentation = augmentation
         self.n = len(dataset)
         self.encoded = hasattr(dataset, "files")
         self.blocklist = frozenset(int(i) for i in blocklist)
-        self.batches_per_epoch = (self.n // self.world_size) // self.batch_size
+        self.batches_per_epoch = samples_per_rank(self.n, self.world_size, self.pad_ranks) // self.batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"MultiCropSource: {self.n} images give no full batch of {self.batch_size} per rank on "
@@ -103,7 +90,7 @@ class MultiCropSource:
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, rank_indices(self.n, self.seed, epoch, self.rank, self.world_size))
+            self._order = (epoch, rank_indices(self.n, self.seed, epoch, self.rank, self.world_size, self.pad_ranks))
         return self._order[1]
 
     def batch_indices(self, epoch: int, batch: int) -> List[int]:
