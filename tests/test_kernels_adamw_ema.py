@@ -186,6 +186,33 @@ def test_optimizer_master_weights_fp16(kind):
             ref_teacher[k] = t.detach().clone()
 
 
+@pytest.mark.parametrize("kind", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_optimizer_ema_step_moves_only_the_teacher(kind, dtype):
+    """ema_step (a step the GradScaler skipped): teacher <- m t + (1-m) master in float64 terms; the
+    student, its masters, the Adam moments and the step counts stay as they were."""
+    student = _model(5, dtype)
+    teacher = copy.deepcopy(student)
+    opt = FusedAdamWEMA(student.parameters(), list(teacher.parameters()), lr=1e-2, weight_decay=0.05, kind=kind)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for p in student.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    opt.step(0.9)  # student and teacher now differ
+    params = list(student.parameters())
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params}
+    student_before = [p.detach().clone() for p in params]
+    masters = [opt.state[p]["master"] if opt.master_weights else p.detach() for p in params]
+    teacher_before = [t.detach().double().clone() for t in teacher.parameters()]
+    opt.ema_step(0.8)
+    assert opt.steps_taken == 1
+    for k, (p, t) in enumerate(zip(params, teacher.parameters())):
+        assert torch.equal(p.detach(), student_before[k])
+        for name, value in before[id(p)].items():
+            assert torch.equal(opt.state[p][name], value), (k, name)
+        ref_t = 0.8 * teacher_before[k] + 0.2 * masters[k].double()
+        assert_close64(t, ref_t, ref_t.abs() + masters[k].double().abs(), ulps=1, what=f"teacher {k}")
+
+
 def test_optimizer_state_dict_roundtrip_resumes_exactly():
     student = _model(3, torch.float16)
     teacher = copy.deepcopy(student)

@@ -79,3 +79,40 @@ def test_fused_adamw_ema_resume_is_exact(tmp_path):
     for part in ("student", "teacher"):
         for name, p in getattr(straight.model, part).state_dict().items():
             assert torch.equal(getattr(resumed.model, part).state_dict()[name], p), (part, name)
+
+
+
+def _fp16_run_with_an_overflow_at_step_3(tmp_path, extra):
+    """fp16 training whose third backward yields an inf gradient (after the teacher has left the
+    student's initial weights), which the GradScaler must skip."""
+    cfg = build_config("simdino_vits16", overrides=TINY + [f"train.output_dir={tmp_path}", "train.precision=fp16",
+                                                             "train.max_steps=5"] + extra)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    # Scale 1 instead of 65536: this tiny model's fp16 gradients (up to ~35) overflow every step at
+    # the default scale, which would leave the student and teacher equal and the EMA a no-op.
+    trainer.runtime.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    backward, calls = trainer.runtime.backward, []
+
+    def backward_with_overflow(loss):
+        backward(loss)
+        calls.append(1)
+        if len(calls) == 3:
+            next(p for p in trainer.model.student.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+    trainer.runtime.backward = backward_with_overflow
+    trainer.fit()
+    return trainer
+
+
+def test_fused_adamw_ema_keeps_the_ema_on_steps_the_grad_scaler_skips(tmp_path):
+    """The eager path (and the reference) runs its separate EMA after a step the GradScaler skipped;
+    the fused optimizer must too, or the teachers part."""
+    eager = _fp16_run_with_an_overflow_at_step_3(tmp_path / "eager", [])
+    fused = _fp16_run_with_an_overflow_at_step_3(tmp_path / "fused", ["runtime.kernels.optimizer=fused_adamw_ema"])
+    assert fused.runtime.optimizer.steps_taken == 4, "step 3 alone must be skipped"
+    assert fused.runtime.scaler.get_scale() == eager.runtime.scaler.get_scale()
+    for part in ("student", "teacher"):
+        ref, got = getattr(eager.model, part).state_dict(), getattr(fused.model, part).state_dict()
+        for name, p in ref.items():
+            assert torch.allclose(got[name], p, rtol=1e-5, atol=1e-6), (part, name)

@@ -95,9 +95,13 @@ class LocalRuntime:
 
     def ema_update(self, momentum: float) -> None:
         if self.fused_adamw_ema:
-            # AdamW + EMA in one pass. A step the GradScaler skips (inf gradients) skips the EMA too.
+            # AdamW + EMA in one pass. A step the GradScaler skips (inf gradients) still moves the
+            # teacher towards the unchanged student, as the eager path's separate EMA does.
+            taken = self.optimizer.steps_taken
             self.scaler.step(self.optimizer, momentum)
             self.scaler.update()
+            if self.optimizer.steps_taken == taken:
+                self.optimizer.ema_step(momentum)
         else:
             self.ema.update(momentum)
 

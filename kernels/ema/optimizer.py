@@ -64,6 +64,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         self._eager_ema = None  # eager kind: one _foreach_lerp_ over every (teacher, master) pair
         self._cache = {}  # triton kind: pointer tables per launch, rebuilt when a storage moves
         self.table_rebuilds = 0
+        self.steps_taken = 0  # step() calls; a GradScaler skips step() on inf gradients (see ema_step)
 
     # ---------------------------------------------------------------------------- set-up
     def _all_params(self):
@@ -108,12 +109,13 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 self.state[p]["master"].copy_(p)
 
     # ---------------------------------------------------------------------------- step
-    def _buckets(self, group):
-        """Split a group into launches: parameters with gradients by (step, dtypes); the rest EMA only."""
+    def _buckets(self, group, with_adam: bool = True):
+        """Split a group into launches: parameters with gradients by (step, dtypes); the rest EMA only
+        (all of them without `with_adam`)."""
         adam, ema_only = defaultdict(list), defaultdict(list)
         for p in group["params"]:
             t = self._teacher[p]
-            if p.grad is None:
+            if p.grad is None or not with_adam:
                 ema_only[(t.device, t.dtype)].append(p)
                 continue
             if p.grad.is_sparse:
@@ -134,10 +136,21 @@ class FusedAdamWEMA(torch.optim.Optimizer):
             self._step_eager(momentum)
         else:
             self._step_triton(momentum)
+        self.steps_taken += 1
         return loss
 
-    def _step_eager(self, momentum):
-        for group in self.param_groups:
+    @torch.no_grad()
+    def ema_step(self, momentum: float) -> None:
+        """The teacher EMA alone, from the current weights: what a step the GradScaler skipped (inf
+        gradients) still does, as the eager path's separate EMA and the reference do."""
+        lerp_weight(momentum)
+        if self.kind == "eager":
+            self._step_eager(momentum, with_adam=False)
+        else:
+            self._step_triton(momentum, with_adam=False)
+
+    def _step_eager(self, momentum, with_adam: bool = True):
+        for group in self.param_groups if with_adam else ():
             adam, _ = self._buckets(group)
             b1, b2 = group["betas"]
             for (_, step, _, _, _), ps in adam.items():
@@ -170,11 +183,11 @@ class FusedAdamWEMA(torch.optim.Optimizer):
             self._cache[key] = hit
         return hit[1], hit[2]
 
-    def _step_triton(self, momentum):
+    def _step_triton(self, momentum, with_adam: bool = True):
         from .triton_ema import adamw_scalars, launch_adamw_ema, launch_ema
 
         for gi, group in enumerate(self.param_groups):
-            adam, ema_only = self._buckets(group)
+            adam, ema_only = self._buckets(group, with_adam)
             b1, b2 = group["betas"]
             for key, ps in adam.items():
                 _, step, g_dtype, t_dtype, c_dtype = key
