@@ -60,6 +60,19 @@ def rank0_values(*values: float, device=None) -> list:
     return t.tolist()
 
 
+def mean_over_ranks(values: dict) -> dict:
+    """{name: 0-d tensor} -> {name: float}, each the mean over ranks: one all-reduce of them stacked
+    (a log step's single sync); this rank's values in one process. Every rank must call it."""
+    names = list(values)
+    if not names:
+        return {}
+    stacked = torch.stack([values[k].detach().reshape(()).to(torch.float64) for k in names])
+    if get_world_size() > 1:
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
 def host_group():
     """A gloo group over every rank for small host-side agreements, which then need no device sync:
     the default group when that is gloo already; None in a single process. Every rank must call it,

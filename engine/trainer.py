@@ -33,7 +33,7 @@ from . import run_lock
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data_wait import DataWaitMonitor
 from .distributed import (barrier, get_rank, get_world_size, host_group, init_from_env, is_distributed,
-                          is_main_process, max_over_ranks, rank0_values)
+                          is_main_process, max_over_ranks, mean_over_ranks, rank0_values)
 from .finite_guard import FiniteGuard
 from .memory_advice import TrainingOutOfMemoryError, out_of_memory_advice
 from .meta_arch import SSLMetaArch
@@ -463,7 +463,7 @@ class Trainer:
                 if st.step % log_every == 0 or st.step == self.total_steps:
                     self.guard.check()
                     elapsed = time.perf_counter() - window_start
-                    last = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
+                    last = self._logged_values(losses)
                     waited, warning = data_wait.end_window(elapsed, st.step - window_first_step)
                     if warning:
                         self.logger.write(warning)
@@ -494,6 +494,15 @@ class Trainer:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 self.save_checkpoint()
         return stopped_early, last
+
+    @staticmethod
+    def _logged_values(losses: Dict[str, Any]) -> Dict[str, float]:
+        """A log step's scalars: the loss terms averaged over ranks (spec 3.6; each rank's loss is on
+        its own B images), the gradient norms as they are (already global after the reduction)."""
+        scalars = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
+        out = mean_over_ranks({k: v for k, v in scalars.items() if k.endswith("_loss")})
+        out.update({k: float(v.detach()) for k, v in scalars.items() if not k.endswith("_loss")})
+        return {k: out[k] for k in scalars}  # the step's own key order
 
     def _checked_step(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """train_step; running out of device memory becomes an error that says what to change."""

@@ -134,12 +134,20 @@ def _fit(out_dir, steps, *overrides):
 
 
 def job_resume(rank, folder):
+    from flashdino.engine import trainer as trainer_mod
+
+    # What each log step hands to the all-reduce: this rank's own loss terms (the logged values
+    # must be their mean over the ranks, spec 3.6).
+    local_losses, reduce = [], trainer_mod.mean_over_ranks
+    trainer_mod.mean_over_ranks = lambda values: local_losses.append({k: float(v) for k, v in values.items()}) or reduce(values)
     out = {}
     runs = {"ddp": ("runtime.distributed=ddp", "train.precision=fp32")}
     for stage in STAGES:
         runs[f"zero{stage}"] = ("runtime.distributed=deepspeed", f"runtime.zero_stage={stage}", "train.precision=bf16")
     for name, overrides in runs.items():
+        local_losses.clear()
         straight = _fit(os.path.join(folder, name, "straight"), 4, *overrides)
+        straight_losses = list(local_losses)
         _fit(os.path.join(folder, name, "resumed"), 2, *overrides)
         resumed = _fit(os.path.join(folder, name, "resumed"), 4, *overrides)
         out[name] = {
@@ -148,6 +156,7 @@ def job_resume(rank, folder):
             "teacher": (_full_teacher(straight), _full_teacher(resumed)),
             "shard_tags": sorted(os.listdir(os.path.join(folder, name, "resumed", "deepspeed")))
             if name.startswith("zero") else None,
+            "local_losses": straight_losses,
         }
     return out
 
@@ -368,6 +377,23 @@ def test_checkpoints_resume_bit_exactly_under_ddp_and_each_zero_stage(tmp_path):
                 _assert_weights_close(resumed, straight, 0, 0, f"{name} {part} after resume")
             if run["shard_tags"] is not None:  # only the shards of the kept checkpoints remain
                 assert [t for t in run["shard_tags"] if t.startswith("step")] == ["step4"], run["shard_tags"]
+    _assert_logged_losses_are_rank_means(tmp_path, res)
+
+
+def _assert_logged_losses_are_rank_means(folder, res):
+    """metrics.jsonl (written by rank 0) holds each loss term averaged over the ranks (spec 3.6)."""
+    from flashdino.engine.metrics import read_jsonl
+
+    for name in res[0]:
+        logged = read_jsonl(os.path.join(folder, name, "straight", "metrics.jsonl"))
+        per_rank = [r[name]["local_losses"] for r in res]
+        assert len(logged) == len(per_rank[0]) == len(per_rank[1]) == 4, name
+        assert any(a != b for s0, s1 in zip(*per_rank) for a, b in zip(s0.values(), s1.values())), \
+            f"{name}: both ranks saw the same losses; the test cannot tell a mean from one rank's value"
+        for record, r0, r1 in zip(logged, *per_rank):
+            assert set(r0) == {k for k in record if k.endswith("_loss")}, name
+            for key in r0:
+                assert record[key] == pytest.approx((r0[key] + r1[key]) / 2, rel=1e-12, abs=1e-15), (name, key)
 
 
 def test_deepspeed_in_a_single_process_equals_the_plain_runtime(tmp_path):

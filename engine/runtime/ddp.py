@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 RUNTIMES = ("local", "ddp", "deepspeed")
@@ -45,14 +44,18 @@ def resolve_runtime(distributed: str, zero_stage: int, world_size: int) -> str:
     raise DistributedConfigError(f"unknown runtime.distributed={distributed!r}; valid: auto, none, ddp, deepspeed")
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(model: nn.Module) -> nn.Module:
     """DistributedDataParallel over the whole meta-architecture.
 
     The teacher's parameters do not require grad, so DDP ignores them for reduction (it still checks
     at construction that every rank starts from the same weights). Buffers are not broadcast each
     step: the DINO centers are all-reduced inside the loss, so every rank holds the same values.
+
+    No ``device_ids``, even on a GPU (allowed for a single-device module): with them DDP copies every
+    tensor input to the device, and the teacher temperature, a 0-d CPU tensor, would arrive on the
+    GPU by a blocking copy and be read back by the loss: two host syncs per step (spec T12). The
+    trainer moves the batch itself, asynchronously from pinned memory.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    return DDP(model, device_ids=None, broadcast_buffers=False)

@@ -67,7 +67,7 @@ class LocalRuntime:
             self.ema = build_ema(cfg.runtime.kernels.ema, model.teacher, model.student)
         self.amp_dtype = AUTOCAST_DTYPES.get(cfg.train.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-        self.module = wrap_ddp(model, device) if distributed else model
+        self.module = wrap_ddp(model) if distributed else model
 
     # ---------------------------------------------------------------------------------- step
     def prepare_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
