@@ -180,7 +180,8 @@ class KernelConfig:
     ema: str = field(default="auto", metadata={"choices": ("auto", "eager", "triton")})
     centering: str = field(default="auto", metadata={"choices": ("auto", "eager", "triton")})
     coding_rate: str = field(default="auto", metadata={"choices": ("auto", "eager", "triton")})
-    # "fused_adamw_ema": AdamW of the student and the teacher EMA in one Triton pass (kernels.FusedAdamWEMA)
+    # "fused_adamw_ema": AdamW of the student and the teacher EMA in one Triton pass (kernels.FusedAdamWEMA).
+    # In fp16 the GradScaler decides on the host whether to skip its step (one sync per step).
     optimizer: str = field(default="torch", metadata={"choices": ("torch", "fused_adamw_ema")})
 
 
