@@ -94,8 +94,9 @@ class CropConfig:
     n_local: int = 10
     global_scale: Tuple[float, float] = (0.4, 1.0)
     local_scale: Tuple[float, float] = (0.05, 0.4)
-    # "pil" = v1 PIL GaussianBlur(radius); "torchvision" = v2 9x9 kernel with sigma.
-    blur: str = field(default="pil", metadata={"choices": ("pil", "torchvision")})
+    # "pil" = v1 PIL GaussianBlur(radius); "torchvision" = v2 9x9 kernel with sigma (spec 1.1);
+    # "auto" = the tree of model.style, set when the config is built (a saved config shows which).
+    blur: str = field(default="auto", metadata={"choices": ("auto", "pil", "torchvision")})
     # Blur sigma (PIL radius) range, in output pixels, shared by all views. The recipe's (0.1, 2.0)
     # was chosen for 224/96-px crops; low-resolution datasets may want it scaled with the crop size.
     # (One probe on the demo, 28/224 of the range, gave no k-NN gain, so the demo keeps the recipe's.)
@@ -449,7 +450,14 @@ def config_differences(a, b) -> Dict[str, List[Any]]:
 
 
 def from_dict(values: Dict[str, Any]) -> Config:
-    return apply_dict(Config(), values)
+    return resolve_auto(apply_dict(Config(), values))
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """Settings whose "auto" follows another key, fixed once all sources are merged."""
+    if cfg.crops.blur == "auto":
+        cfg.crops.blur = "torchvision" if cfg.model.style == "v2" else "pil"
+    return cfg
 
 
 def build_config(preset: Optional[str] = None, config_file: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
@@ -468,6 +476,7 @@ def build_config(preset: Optional[str] = None, config_file: Optional[str] = None
             cfg.preset = base
         apply_dict(cfg, values)
     apply_overrides(cfg, overrides or [])
+    resolve_auto(cfg)
     validate(cfg)
     return cfg
 

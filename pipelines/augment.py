@@ -179,14 +179,15 @@ class MultiCropAugmentation:
 
     @classmethod
     def from_config(cls, crops_cfg) -> "MultiCropAugmentation":
-        """Build from a ``flashdino.engine.config.CropConfig``."""
+        """Build from a ``flashdino.engine.config.CropConfig``. Its blur "auto" is resolved from the
+        model style when a whole config is built; a bare CropConfig has none and gets v1's "pil"."""
         return cls(
             global_size=crops_cfg.global_size,
             local_size=crops_cfg.local_size,
             n_local=crops_cfg.n_local,
             global_scale=tuple(crops_cfg.global_scale),
             local_scale=tuple(crops_cfg.local_scale),
-            blur=crops_cfg.blur,
+            blur="pil" if crops_cfg.blur == "auto" else crops_cfg.blur,
             blur_sigma=tuple(crops_cfg.blur_sigma),
             mean=tuple(crops_cfg.mean),
             std=tuple(crops_cfg.std),

@@ -69,3 +69,18 @@ def test_cross_field_validation():
 def test_valid_keys_lists_nested_sections():
     keys = valid_keys()
     assert "runtime.kernels.ema" in keys and "objective.expa_type" in keys
+
+
+@pytest.mark.parametrize("overrides, blur", [
+    ([], "pil"),  # v1 tree: PIL GaussianBlur(radius) (spec 1.1)
+    (["objective.method=simdinov2", "model.style=v2"], "torchvision"),  # v2 tree without a preset
+    (["model.style=v2", "crops.blur=pil"], "pil"),  # an explicit choice stays
+])
+def test_blur_auto_follows_the_model_style(overrides, blur):
+    from flashdino.engine.config import from_dict, to_dict
+
+    cfg = build_config(None, overrides=overrides)
+    assert cfg.crops.blur == blur
+    assert to_dict(cfg)["crops"]["blur"] == blur  # what a checkpoint records is what ran
+    raw = {"model": {"style": cfg.model.style}, "crops": {"blur": "auto"}}
+    assert from_dict(raw).crops.blur == ("torchvision" if cfg.model.style == "v2" else "pil")
