@@ -7,7 +7,9 @@ Two samplers produce the same :class:`PackedParams`:
   distribution as spec 1.1 / torchvision's ``RandomResizedCrop.get_params``; different draws.
 * ``"reference"``: :func:`sample_reference` calls ``MultiCropAugmentation.sample_params`` with the
   same per-sample RNG as the torchvision loader, so both pipelines get *identical* parameters for
-  the same (seed, epoch, index): switching pipelines then changes only the pixel arithmetic.
+  the same (seed, epoch, index): switching pipelines then changes only the pixel arithmetic (and,
+  for the v2 methods, the iBOT masks: DALI's loader draws them with the vectorized generator, equal
+  in distribution to the reference's, not draw for draw).
 
 This module is imported by the external-source worker processes, so it avoids torch; the recipe's
 constants reach it through :class:`ViewSpec`, built in the main process from ``augment.py``.

@@ -21,8 +21,10 @@ _NATIVE = os.path.join(os.path.dirname(_HERE), "native")
 _REPO = os.path.dirname(os.path.dirname(_HERE))
 
 FALLBACK_NOTE = (
-    "using DALI's built-in op chain instead (approximate colour jitter: fixed brightness/contrast/"
-    "saturation/hue order, contrast around mid-gray instead of the image mean, YIQ hue rotation)"
+    "using DALI's built-in op chain instead (approximate colour jitter, not the spec's: fixed "
+    "brightness/contrast/saturation/hue order, contrast around mid-gray instead of the image mean, a YIQ "
+    "hue rotation that turns less than torchvision's HSV shift); `python -m flashdino.pipelines.native.build` "
+    "or scripts/setup.sh builds the plugin"
 )
 
 _state = {"path": None, "tried": False, "warned": False, "reason": None}
