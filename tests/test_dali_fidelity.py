@@ -7,7 +7,9 @@
    wrong aspect range is rejected (p < 1e-6).
 2. Same parameters (``params="reference"``): every DALI crop vs the torchvision crop of the same
    (seed, epoch, index): mean |difference| per crop (in [0, 1] pixel units) — catches a wrong window,
-   flip, jitter order, grayscale, blur or solarize on any single crop.
+   flip, jitter order, grayscale, blur or solarize on any single crop; and with single stages alone
+   (geometry; geometry + blur) at bounds tight enough to catch a linear or non-antialiased resize or
+   a wrong blur sigma.
 3. Independent parameters: per-channel output mean / std per view type (KS on per-crop values,
    |difference of averages| < 0.05) and the grayscale rate measured from the pixels.
 """
@@ -157,6 +159,33 @@ def test_same_parameters_give_the_same_crops(jpeg_dir, blur):
     d, t = pairs[0]
     flipped = _per_crop_mad(d["global_crops"], t["global_crops"].flip(-1))
     assert flipped.mean() > 0.03
+
+
+@pytest.mark.parametrize("kept, blur, bound", [
+    ("geometry", "pil", 0.3),  # crop + bicubic antialiased resize + flip alone: ~0.19/255 worst crop
+    ("blur", "pil", 1.5),  # with the drawn blur: ~0.7/255 worst crop
+    ("blur", "torchvision", 1.5),
+])
+def test_single_stages_match_the_reference_closely(jpeg_dir, monkeypatch, kept, blur, bound):
+    """The full recipe's bounds above are too loose to tell some wiring errors apart (measured: linear
+    instead of bicubic resize or no antialiasing, 0.85-1.3/255 worst crop; halved blur sigmas,
+    2.6-5.9/255); with the other stages switched off in both pipelines, they stand out."""
+    import dataclasses
+
+    sample = MultiCropAugmentation.sample_params
+
+    def only_kept_stages(self, width, height, rng):
+        params = sample(self, width, height, rng)
+        off = dict(jitter=None, grayscale=False, solarize=False)
+        if kept == "geometry":
+            off["blur"] = None
+        return [dataclasses.replace(p, **off) for p in params]
+
+    monkeypatch.setattr(MultiCropAugmentation, "sample_params", only_kept_stages)
+    pairs = _pair(jpeg_dir, f"crops.blur={blur}")
+    for key in ("global_crops", "local_crops"):
+        worst = torch.cat([_per_crop_mad(d[key], t[key]) for d, t in pairs]).max() * 255
+        assert worst < bound, f"{key}: worst crop differs by {worst:.2f}/255 on average"
 
 
 def test_builtin_chain_is_close_but_approximate(jpeg_dir):
