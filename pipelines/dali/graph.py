@@ -3,7 +3,10 @@
     external source (bytes or pixels, per-view parameters)        CPU, optional worker processes
       -> decoders.image(device='mixed' on GPU: nvJPEG / hardware JPEG decoder; 'cpu' otherwise)
       -> per view: resize with the crop window as ROI (bicubic, antialiased; the flip is the ROI's
-         reversed x range, so crop + flip + resize is one op)
+         reversed x range, so crop + flip + resize is one op). Unlike torchvision's crop-then-resize,
+         the filter reads the pixels just outside the window: a window upscaled many times (a
+         30x45 box to 224 px) differs in its outer few pixels (measured: 7/255 on average over a
+         4-pixel border); at the recipe's sizes the crops differ by ~0.2/255 on average.
       -> per view: FlashdinoColorAugment (jitter in per-sample order, grayscale, blur, solarize,
          normalize, CHW, cast) -- or, without the plugin, DALI's built-in chain
     outputs: one (B, 3, S, S) batch per view, meta (label, index used), skipped indices
