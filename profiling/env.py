@@ -6,6 +6,7 @@ machine and the code that produced it.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -67,7 +68,43 @@ def _recorded_commit(root: str) -> Optional[Dict[str, object]]:
         return None
     if not words:
         return None
-    return {"commit": words[0], "dirty": "dirty" in words[1:], "source": path}
+    info = {"commit": words[0], "dirty": "dirty" in words[1:], "source": path}
+    # The record is only as fresh as the last gpu_prepare: the manifest beside it (`git ls-files -s`
+    # then) shows whether the code here still is that commit's.
+    changed = files_changed_since_manifest(root, os.path.join(root, ".gpu", "manifest"))
+    if changed is not None:
+        info["files_changed_since_commit"] = changed
+        info["dirty"] = info["dirty"] or bool(changed)
+    return info
+
+
+def _git_blob_sha1(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def files_changed_since_manifest(root: str, manifest: str) -> Optional[List[str]]:
+    """Files listed in a ``git ls-files -s`` manifest whose content here differs (or is gone);
+    None without a manifest. Results folders are outputs, not code: a result committed after the
+    manifest was written does not count."""
+    try:
+        with open(manifest) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    changed = []
+    for line in lines:
+        meta, _, name = line.partition("\t")
+        parts = meta.split()
+        if len(parts) != 3 or name.startswith("profiling/results/") or parts[0] == "160000":  # submodules
+            continue
+        if _git_blob_sha1(os.path.join(root, name)) != parts[1]:
+            changed.append(name)
+    return changed
 
 
 def device_info(device: torch.device) -> Dict[str, object]:

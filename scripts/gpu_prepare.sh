@@ -8,13 +8,16 @@
 #   .gpu/fallback       wheels of the project's light dependencies (torchvision for torch 2.11,
 #                       PyYAML, tqdm, pytest and its dependencies): gpu_session.sh installs one only
 #                       when the machine cannot import that module (~9 MB);
-#   .gpu/commit         the commit the results will be measured at (the copy there has no .git).
+#   .gpu/commit         the commit the results will be measured at (the copy there has no .git),
+#   .gpu/manifest       and its files' hashes (`git ls-files -s`), by which the results there name
+#                       any file changed since (profiling/env.py), so a stale record cannot pass.
 # All three folders are git-ignored. Then follow scripts/gpu_session.sh's header.
 # `bash scripts/gpu_prepare.sh commit` rewrites .gpu/commit alone (after a new commit).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 mkdir -p .gpu
 echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo ' dirty')" > .gpu/commit
+git ls-files -s > .gpu/manifest
 echo "gpu_prepare: .gpu/commit = $(cat .gpu/commit)"
 [ "${1:-}" = commit ] && exit 0
 wheels=../shared/tools/gpu-wheels.sh
