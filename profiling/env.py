@@ -181,7 +181,19 @@ def run_metadata(device: torch.device, command: Optional[str] = None) -> Dict[st
         "host": platform.node(),
         "platform": platform.platform(),
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "environment": recorded_environment(),
     }
+
+
+# Variables that change what runs or how it compiles (FLASHDINO_COMPILE_BACKEND overrides the
+# config's compile backend): a result must say which were set.
+_RECORDED_ENV_PREFIXES = ("FLASHDINO_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE", "TRITON_")
+_RECORDED_ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_TF32_OVERRIDE", "OMP_NUM_THREADS")
+
+
+def recorded_environment() -> Dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(_RECORDED_ENV_PREFIXES) or k in _RECORDED_ENV_NAMES}
 
 
 def describe(meta: Dict[str, object]) -> List[str]:
@@ -190,6 +202,9 @@ def describe(meta: Dict[str, object]) -> List[str]:
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
     git = meta["git"]
     commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+    changed = git.get("files_changed_since_commit")
+    if changed:
+        commit += f": {len(changed)} file(s) differ from it ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
     lines = [
         f"- date: {meta['date']}",
         f"- device: {dev['name']}" + (f", driver {dev['driver']}" if dev.get("driver") else "")
@@ -199,4 +214,6 @@ def describe(meta: Dict[str, object]) -> List[str]:
         f"- git commit: {commit}",
         f"- command: `{meta['command']}`",
     ]
+    if meta.get("environment"):
+        lines.append("- environment: " + ", ".join(f"`{k}={v}`" for k, v in meta["environment"].items()))
     return lines

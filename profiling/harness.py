@@ -151,9 +151,14 @@ def check_single_process() -> None:
 
 
 def build_trainer(cfg: Config):
+    """A trainer that compiles from scratch. Without the reset, graphs another trainer of this process
+    compiled (the suite's parity stage, under its fallback_random; the engine side, for the variant)
+    would be reused: a compile time of ~0 reported, and the other stage's settings measured. A
+    trainer built earlier recompiles if it is used again afterwards."""
     from flashdino.engine.trainer import Trainer
 
     check_single_process()
+    torch._dynamo.reset()
     return Trainer(cfg)
 
 

@@ -7,7 +7,8 @@ measured in the same run: a large device-to-device copy (bandwidth) and a large 
     python -m flashdino.profiling.kernel_bench [--kernels ema,adamw_ema,coding_rate,simdino,centering,sinkhorn]
                                                [--tiny] [--repeats 20] [--out profiling/results/kernel_bench]
 
-Writes ``kernel_bench.json`` and ``kernel_bench.md`` (date, device, versions, exact command).
+Writes ``kernel_bench.json`` and ``kernel_bench.md`` (date, device, versions, exact command). On
+a GPU each timed call starts with a cold L2 cache (see Timer).
 Without a GPU it runs the same code on tiny sizes through Triton's interpreter (a smoke test,
 not a measurement). Sizes: EMA / AdamW+EMA over ViT-S, ViT-B, ViT-L (backbone + SimDINO head)
 parameter lists; coding rate and SimDINO loss for B = 16..512, p = 256, 2 views; DINO centering
@@ -16,16 +17,14 @@ at B = 64, V = 12, K = 65536 (forward + backward, with peak memory); Sinkhorn at
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import sys
 
 import torch
 
-from .env import git_info, library_versions
+from .env import describe, run_metadata
 from .timing import median_time_ms
 
 if not torch.cuda.is_available():  # must precede the first Triton import (kernels are decorated then)
@@ -40,13 +39,25 @@ ARCHS = {"vit_small": (384, 12), "vit_base": (768, 12), "vit_large": (1024, 24)}
 # ------------------------------------------------------------------------------------ timing
 
 class Timer:
-    """Median time of ``fn`` in milliseconds, with this run's warm-up and repeat counts."""
+    """Median time of ``fn`` in milliseconds, with this run's warm-up and repeat counts.
+
+    On a GPU every timed call starts with a cold L2 cache: a kernel's inputs left there by the
+    previous repeat (the Sinkhorn case's 32 MiB fits the H100's 50 MB L2) would otherwise be read
+    at cache speed, and its bandwidth compared with a DRAM-bound copy would be inflated."""
 
     def __init__(self, device: torch.device, warmup: int, repeats: int):
         self.device, self.warmup, self.repeats = device, warmup, repeats
+        self._flush_buffer = None
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2 ** 20
+            self._flush_buffer = torch.empty(2 * l2 // 4, dtype=torch.float32, device=device)
+
+    def _flush_l2(self) -> None:
+        self._flush_buffer.zero_()
 
     def __call__(self, fn) -> float:
-        return median_time_ms(fn, self.device, self.repeats, self.warmup)
+        before = self._flush_l2 if self._flush_buffer is not None else None
+        return median_time_ms(fn, self.device, self.repeats, self.warmup, before=before)
 
 
 def peak_memory_mb(device, fn) -> float | None:
@@ -269,10 +280,7 @@ def to_markdown(report: dict) -> str:
     meta, ceil = report["meta"], report["ceilings"]
     lines = [
         "# Kernel microbenchmarks", "",
-        f"- date: {meta['date']}", f"- device: {meta['device']}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- command: `{meta['command']}`",
-        f"- git commit: {((meta.get('git') or {}).get('commit') or 'unknown')[:12]}",
+        *describe(meta),
         f"- mode: {meta['mode']}" + ("" if meta.get("complete", True) else
                                       f"; **incomplete**: only {', '.join(meta['kernels_done'])} finished"),
         f"- ceilings (same run): copy {ceil['copy_gbps']:.1f} GB/s; bf16 matmul "
@@ -336,21 +344,11 @@ def _write(report: dict, out_dir: str) -> None:
 
 def _meta(device, tiny, repeats, warmup, command) -> dict:
     """What the run was: the same for every kernel family, so taken once."""
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"CPU ({platform.processor() or platform.machine()})"
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name,
-        "versions": library_versions(),
-        "command": command or " ".join(shlex.quote(a) for a in [sys.executable, "-m", __name__] + sys.argv[1:]),
-        "mode": "gpu" if device.type == "cuda" else "cpu-interpreter",
-        "tiny": tiny,
-        "repeats": repeats,
-        "warmup": warmup,
-        "git": git_info(),
-    }
+    command = command or " ".join(shlex.quote(a) for a in [sys.executable, "-m", __name__] + sys.argv[1:])
+    # The bench's metadata (device and driver, versions, commit and the files changed since it,
+    # environment), plus this run's mode.
+    return {**run_metadata(device, command), "mode": "gpu" if device.type == "cuda" else "cpu-interpreter",
+            "tiny": tiny, "repeats": repeats, "warmup": warmup}
 
 
 def main(argv=None):

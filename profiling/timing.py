@@ -43,9 +43,10 @@ class StepClock:
         return sum(self.durations_ms()) / 1e3
 
 
-def median_time_ms(fn, device, repeats: int, warmup: int = 2) -> float:
+def median_time_ms(fn, device, repeats: int, warmup: int = 2, before=None) -> float:
     """Median time of ``fn()`` over `repeats` calls after `warmup` untimed ones, in milliseconds:
-    CUDA events around each call on the GPU (device time), perf_counter on the CPU."""
+    CUDA events around each call on the GPU (device time), perf_counter on the CPU. ``before()``,
+    if given, runs ahead of every timed call, outside the timed span (e.g. an L2 cache flush)."""
     if repeats < 1:
         raise ValueError(f"median_time_ms: repeats must be >= 1, got {repeats}")
     device = torch.device(device)
@@ -55,6 +56,8 @@ def median_time_ms(fn, device, repeats: int, warmup: int = 2) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the warm-up calls must not land in the first timed call
         for _ in range(repeats):
+            if before is not None:
+                before()  # enqueued ahead of the start event: its GPU work is not timed
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -63,6 +66,8 @@ def median_time_ms(fn, device, repeats: int, warmup: int = 2) -> float:
             times.append(start.elapsed_time(end))
     else:
         for _ in range(repeats):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

@@ -287,6 +287,18 @@ def test_median_time_ms_times_each_call_after_the_warmup():
         median_time_ms(fn, "cpu", repeats=0)
 
 
+def test_median_time_ms_runs_before_outside_the_timed_span():
+    import time
+
+    from flashdino.profiling.timing import median_time_ms
+
+    order = []
+    ms = median_time_ms(lambda: order.append("fn"), "cpu", repeats=3, warmup=1,
+                        before=lambda: (order.append("before"), time.sleep(0.02)))
+    assert order == ["fn"] + ["before", "fn"] * 3  # not ahead of the warm-up call
+    assert ms < 10.0  # the 20 ms of before() are not in the time
+
+
 def test_bench_variant_is_a_third_side_from_the_same_weights(tmp_path):
     args = ["bench", "--preset", "simdino_vits16", *SMOKE_OVERRIDES, "train.precision=fp32", "model.drop_path_rate=0",
             "--sides", "engine", "--steps", "2", "--warmup", "1", "--phase-steps", "0", "--no-ceilings",
@@ -312,3 +324,22 @@ def test_bench_refuses_a_variant_before_measuring_anything(tmp_path, capsys, var
     assert cli_main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_each_harness_trainer_compiles_from_scratch_and_the_environment_is_recorded(monkeypatch):
+    """A second trainer of the same compiled config in one process (the suite's bench after its
+    parity stage) must compile its own graphs, or its compile time reads ~0 and it runs graphs built
+    under the other stage's settings; the compile-backend override must show in the metadata."""
+    from flashdino.profiling import env, harness
+
+    monkeypatch.setenv("FLASHDINO_COMPILE_BACKEND", "aot_eager")
+    cfg = harness.harness_config(build_config("simdino_vits16", overrides=SMOKE_OVERRIDES + [
+        "train.precision=fp32", "runtime.compile=block"]), "synthetic")
+    reports = []
+    for _ in range(2):
+        trainer = harness.build_trainer(cfg)
+        harness.run_step(trainer, next(harness.synthetic_batches(cfg, trainer.device, pool=1, seed=0)))
+        reports.append(trainer.compile_report)
+        del trainer
+    assert reports[0].graphs > 0 and reports[1].graphs == reports[0].graphs
+    assert env.run_metadata(torch.device("cpu"))["environment"]["FLASHDINO_COMPILE_BACKEND"] == "aot_eager"

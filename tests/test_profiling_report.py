@@ -46,6 +46,16 @@ def test_latest_table(tmp_path):
     assert "demo-fp32-3" in latest_table(str(tmp_path), include_cpu=True)
 
 
+def test_table_gives_both_mfu_bases_when_the_run_measured_its_ceiling(tmp_path):
+    path = tmp_path / "a" / "bench.json"
+    _bench(path, "NVIDIA H100", "simdino_vitb16-bf16-1", "2026-01-01T00:00:00+00:00", 830.0, 332.0)
+    report = json.loads(path.read_text())
+    report["sides"]["engine"].update(mfu_datasheet=0.396, mfu_measured=0.491)
+    path.write_text(json.dumps(report))
+    row = next(line for line in latest_table(str(tmp_path)).splitlines() if line.startswith("| NVIDIA"))
+    assert "| 39.6% / 49.1% | 25.0% |" in row  # the reference, an older record, has one figure
+
+
 def test_no_results_says_how_to_make_them(tmp_path):
     assert "No bench results" in latest_table(str(tmp_path))
 
