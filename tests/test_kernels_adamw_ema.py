@@ -313,3 +313,14 @@ def test_pointer_tables_are_reused_while_gradients_stay_in_place():
     opt.step(0.9)
     assert opt.table_rebuilds == 1
     assert all(not torch.equal(a, b) for a, b in zip(teacher.parameters(), before))
+
+
+def test_optimizer_refuses_a_non_contiguous_gradient():
+    """The Triton step reads gradients in memory order: a hand-set transposed .grad would be read
+    scrambled, so it is refused (autograd's gradients follow the contiguous parameters)."""
+    student = torch.nn.Linear(4, 3, bias=False)
+    teacher = copy.deepcopy(student)
+    opt = FusedAdamWEMA(student.parameters(), list(teacher.parameters()), kind="triton")
+    student.weight.grad = torch.arange(12.0).reshape(4, 3).t()
+    with pytest.raises(ValueError, match="not contiguous"):
+        opt.step(0.99)

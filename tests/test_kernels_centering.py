@@ -239,3 +239,22 @@ def test_float64_inputs_use_the_eager_objectives():
     q = torch.softmax(u, -1)
     assert torch.equal(dino_cross_entropy_fused(a, q, 3), objectives.dino_cross_entropy(a, q, 3))
     assert torch.equal(sinkhorn_knopp_fused(u, 0.05), objectives.sinkhorn_knopp(u, 0.05))
+
+
+def test_temperatures_as_0d_tensors_and_no_prototype_columns():
+    """The eager ops take 0-d tensor temperatures; so must the fused ones (Triton needs scalars).
+    No prototype at all is an error, not a NaN loss."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    a = torch.randn(6, 40, generator=gen)
+    u = torch.randn(4, 40, generator=gen)
+    center = torch.zeros(40)
+    loss, _ = dino_loss_fused(a, u, center, 3, torch.tensor(0.1), torch.tensor(0.04), 0.9)
+    ref = dino64(a.double(), torch.softmax(u.double() / 0.04, -1), 3, 0.1)
+    assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
+    q = torch.softmax(u, -1)
+    ce = dino_cross_entropy_fused(a, q, 3, torch.tensor(0.1))
+    assert abs(float(ce) - float(dino64(a.double(), q.double(), 3, 0.1))) <= 1e-5 * abs(float(ce))
+    with pytest.raises(ValueError, match="no prototype column"):
+        dino_loss_fused(torch.zeros(6, 0), torch.zeros(4, 0), torch.zeros(0), 3)
+    with pytest.raises(ValueError, match="no prototype column"):
+        dino_cross_entropy_fused(torch.zeros(6, 0), torch.zeros(4, 0), 3)

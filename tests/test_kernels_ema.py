@@ -103,3 +103,21 @@ def test_ema_bf16_gpu(t_dtype, s_dtype):
 def test_updater_numel_counts_every_element():
     teacher = [torch.zeros(s) for s in SIZES]
     assert get_ema_updater("eager")(teacher, teacher).numel == sum(int(np.prod(s)) for s in SIZES)
+
+
+def test_triton_updater_follows_a_dtype_change_of_param_data():
+    """module.half() after the updater was built swaps each parameter's .data for fp16: the kernel
+    must then read fp16, not the fp32 it was grouped for (it read garbage, or wrote out of bounds)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    teacher = [torch.nn.Parameter(torch.randn(n, generator=gen), requires_grad=False) for n in (1025, 7)]
+    student = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (1025, 7)]
+    updater = get_ema_updater("triton")(teacher, student)
+    for p in teacher + student:
+        p.data = p.data.half()
+    before = [(t.detach().double().clone(), s.detach().double()) for t, s in zip(teacher, student)]
+    updater.update(0.75)
+    assert updater.rebuilds == 1
+    for t, (t0, s0) in zip(teacher, before):
+        assert t.dtype == torch.float16
+        ref = 0.75 * t0 + 0.25 * s0
+        assert_close64(t, ref, ref.abs() + s0.abs(), ulps=1, what="fp16 teacher after the dtype change")

@@ -18,6 +18,8 @@ def _check_views(fn, student_logits, teacher, n_crops, teacher_name):
     if not isinstance(n_crops, int) or n_crops < 2:
         raise ValueError(f"{fn}: 'n_crops' must be an int >= 2 (two global crops first), got {n_crops!r}")
     rows, n_protos = student_logits.shape
+    if n_protos < 1:
+        raise ValueError(f"{fn}: student_logits has no prototype column (shape {tuple(student_logits.shape)})")
     if rows == 0 or rows % n_crops:
         raise ValueError(f"{fn}: student_logits has {rows} rows, not a positive multiple of n_crops={n_crops} "
                          "(expected crop-major (n_crops * B, K))")
@@ -40,7 +42,8 @@ def dino_loss_fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     mean is all-reduced over the process group (SUM of row sums and row counts).
     """
     fn = "dino_loss"
-    teacher_temp = float(teacher_temp)  # Triton takes a scalar; the trainer may pass a 0-d CPU tensor
+    # Triton takes scalars; the trainer passes the teacher temperature as a 0-d CPU tensor
+    student_temp, teacher_temp = float(student_temp), float(teacher_temp)
     batch, n_protos = _check_views(fn, student_logits, teacher_logits, n_crops, "teacher_logits")
     if not isinstance(center, torch.Tensor) or center.numel() != n_protos or center.shape[-1] != n_protos:
         raise ValueError(f"{fn}: 'center' must have shape (K,) or (1, K) with K={n_protos} prototypes, got "
@@ -68,6 +71,7 @@ def dino_cross_entropy_fused(student_logits: torch.Tensor, teacher_probs: torch.
     """Mean over the 2V−2 cross-view pairs of the batch-mean soft cross-entropy (spec 4.1)."""
     fn = "dino_cross_entropy"
     _check_views(fn, student_logits, teacher_probs, n_crops, "teacher_probs")
+    student_temp = float(student_temp)  # a scalar for Triton (the eager op accepts a 0-d tensor too)
     if not student_temp > 0:
         raise ValueError(f"{fn}: 'student_temp' must be > 0, got {student_temp!r}")
     if _is64(student_logits, teacher_probs):

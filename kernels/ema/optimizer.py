@@ -120,6 +120,9 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise ValueError("FusedAdamWEMA: sparse gradients are not supported")
+            if not p.grad.is_contiguous():  # the kernels read it in memory order (autograd's grads are)
+                raise ValueError(f"FusedAdamWEMA: the gradient of a parameter of shape {tuple(p.shape)} is not "
+                                 f"contiguous (strides {p.grad.stride()})")
             copy_dtype = p.dtype if self.master_weights else None
             adam[(p.device, self._steps[p] + 1, p.grad.dtype, t.dtype, copy_dtype)].append(p)
         return adam, ema_only

@@ -140,7 +140,8 @@ class TritonEMAUpdater:
     """θ_teacher ← m·θ_teacher + (1−m)·θ_student: one launch per (teacher, student) dtype pair.
 
     Pointer tables are built at construction and rebuilt (and counted in ``rebuilds``) if a
-    parameter's storage moves, so replacing ``param.data`` is safe, just slower once.
+    parameter's storage, dtype or size changes, so replacing ``param.data`` (``module.half()``) is
+    safe, just slower once.
     """
 
     name = "triton"
@@ -149,21 +150,28 @@ class TritonEMAUpdater:
         what = "TritonEMAUpdater"
         teacher, student = _pair_params(teacher_params, student_params, what)
         check_triton_tensors(what, teacher + student)
-        _check_contiguous(what, "teacher", teacher)
-        _check_contiguous(what, "student", student)
-        groups = defaultdict(lambda: ([], []))
-        for t, s in zip(teacher, student):
-            groups[(t.device, t.dtype, s.dtype)][0].append(t)
-            groups[(t.device, t.dtype, s.dtype)][1].append(s)
-        self._groups = dict(groups)
-        self.numel = sum(t.numel() for t in teacher)
+        self._teacher, self._student = teacher, student
         self.rebuilds = 0
         self._build()
 
     def _signature(self):
-        return tuple(x.data_ptr() for ts, ss in self._groups.values() for x in (*ts, *ss))
+        # The kernel's element types come from the groups: a dtype change must regroup, not only
+        # re-point (it would read fp16 memory as fp32).
+        return tuple((x.data_ptr(), x.dtype, x.numel()) for x in (*self._teacher, *self._student))
 
     def _build(self):
+        what = "TritonEMAUpdater"
+        _check_contiguous(what, "teacher", self._teacher)
+        _check_contiguous(what, "student", self._student)
+        for i, (t, s) in enumerate(zip(self._teacher, self._student)):
+            if t.shape != s.shape:
+                raise ValueError(f"{what}: teacher {i} has shape {tuple(t.shape)}, student {tuple(s.shape)}")
+        groups = defaultdict(lambda: ([], []))
+        for t, s in zip(self._teacher, self._student):
+            groups[(t.device, t.dtype, s.dtype)][0].append(t)
+            groups[(t.device, t.dtype, s.dtype)][1].append(s)
+        self._groups = dict(groups)
+        self.numel = sum(t.numel() for t in self._teacher)
         self._tables = {key: pointer_table([ts, ss], CHUNK, key[0]) for key, (ts, ss) in self._groups.items()}
         self._sig = self._signature()
 
