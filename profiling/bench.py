@@ -311,6 +311,10 @@ def to_markdown(report: Dict[str, Any]) -> str:
             f"{_pct(s['mfu_datasheet'])} | {_pct(s['mfu_measured'])} | "
             f"{s['achieved_tflops']:.4g} | {_fmt(s['peak_mem_mib']['allocated'], '.0f')} | "
             f"{s['warmup_s']:.3g} ({_fmt(s['first_step_s'], '.3g')}) |")
+    pool = w.get("pool")
+    lines += ["", "Peak memory: the allocator's peak over the side's warm-up (compilation included) and timed steps"
+              + (f", with the {pool} synthetic input batches it cycles through held on the device" if pool else "")
+              + " (an upper bound for a training loop holding one batch)."]
     if report.get("speedup"):
         lines += ["", f"Speedup (engine / reference images/s): **{report['speedup']:.3f}x**"]
     if report.get("variant"):
