@@ -450,11 +450,12 @@ def config_differences(a, b) -> Dict[str, List[Any]]:
 
 
 def from_dict(values: Dict[str, Any]) -> Config:
-    return resolve_auto(apply_dict(Config(), values))
+    return resolve_style_defaults(apply_dict(Config(), values))
 
 
-def resolve_auto(cfg: Config) -> Config:
-    """Settings whose "auto" follows another key, fixed once all sources are merged."""
+def resolve_style_defaults(cfg: Config) -> Config:
+    """Settings whose "auto" follows model.style, fixed once all sources are merged (the device-
+    dependent "auto" settings are resolved later, by engine.runtime.auto, once the device is known)."""
     if cfg.crops.blur == "auto":
         cfg.crops.blur = "torchvision" if cfg.model.style == "v2" else "pil"
     return cfg
@@ -476,7 +477,7 @@ def build_config(preset: Optional[str] = None, config_file: Optional[str] = None
             cfg.preset = base
         apply_dict(cfg, values)
     apply_overrides(cfg, overrides or [])
-    resolve_auto(cfg)
+    resolve_style_defaults(cfg)
     validate(cfg)
     return cfg
 

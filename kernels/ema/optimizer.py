@@ -148,12 +148,12 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         gradients) still does, as the eager path's separate EMA and the reference do."""
         lerp_weight(momentum)
         if self.kind == "eager":
-            self._step_eager(momentum, with_adam=False)
+            self._eager_ema_update(momentum)
         else:
             self._step_triton(momentum, with_adam=False)
 
-    def _step_eager(self, momentum, with_adam: bool = True):
-        for group in self.param_groups if with_adam else ():
+    def _step_eager(self, momentum):
+        for group in self.param_groups:
             adam, _ = self._buckets(group)
             b1, b2 = group["betas"]
             for (_, step, _, _, _), ps in adam.items():
@@ -168,6 +168,9 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                     torch._foreach_copy_(ps, masters)
                 for p in ps:
                     self._steps[p] = step
+        self._eager_ema_update(momentum)
+
+    def _eager_ema_update(self, momentum):
         if self._eager_ema is None:
             params = self._all_params()
             self._eager_ema = EagerEMAUpdater([self._teacher[p] for p in params], [self._master(p) for p in params])

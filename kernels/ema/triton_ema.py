@@ -147,10 +147,7 @@ class TritonEMAUpdater:
     name = "triton"
 
     def __init__(self, teacher_params: Sequence[torch.Tensor], student_params: Sequence[torch.Tensor]):
-        what = "TritonEMAUpdater"
-        teacher, student = _pair_params(teacher_params, student_params, what)
-        check_triton_tensors(what, teacher + student)
-        self._teacher, self._student = teacher, student
+        self._teacher, self._student = list(teacher_params), list(student_params)
         self.rebuilds = 0
         self._build()
 
@@ -160,12 +157,13 @@ class TritonEMAUpdater:
         return tuple((x.data_ptr(), x.dtype, x.numel()) for x in (*self._teacher, *self._student))
 
     def _build(self):
+        """Validate the pairs and group them by dtypes: at construction, and again whenever a
+        parameter's storage, dtype or size changed (its ``.data`` replaced)."""
         what = "TritonEMAUpdater"
-        _check_contiguous(what, "teacher", self._teacher)
-        _check_contiguous(what, "student", self._student)
-        for i, (t, s) in enumerate(zip(self._teacher, self._student)):
-            if t.shape != s.shape:
-                raise ValueError(f"{what}: teacher {i} has shape {tuple(t.shape)}, student {tuple(s.shape)}")
+        teacher, student = _pair_params(self._teacher, self._student, what)
+        check_triton_tensors(what, teacher + student)
+        _check_contiguous(what, "teacher", teacher)
+        _check_contiguous(what, "student", student)
         groups = defaultdict(lambda: ([], []))
         for t, s in zip(self._teacher, self._student):
             groups[(t.device, t.dtype, s.dtype)][0].append(t)
